@@ -1,0 +1,96 @@
+"""Defaults shared by every stage: a small Llama-3-style model on CPython's docs.
+
+The stage configs import this file and change only what their stage needs.
+Run it directly (it trains next-token prediction alone):
+
+  python launch/train.py --config=configs/base.py --workdir=runs/base
+
+Any field can be overridden on the command line, for example
+`--config.train.steps=100 --config.data.train_files='corpus/*.txt'`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the base configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Workdir of an earlier run whose latest parameters initialise this one
+  # (optimizer state and step start fresh). Empty: random initialisation.
+  config.init_from = ""
+
+  # Model: Llama 3's architecture, shrunk so that the default job runs on a
+  # laptop CPU. Llama 3 8B is embed_dim=4096, num_layers=32, num_heads=32,
+  # num_kv_heads=8, mlp_dim=14336, vocab_size=128256.
+  config.model = ml_collections.ConfigDict()
+  config.model.embed_dim = 128
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 2
+  config.model.head_dim = 32
+  config.model.mlp_dim = 384
+  config.model.rope_theta = 500_000.0
+  config.model.norm_eps = 1e-5
+  config.model.tie_embeddings = False
+  config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+  config.model.param_dtype = "float32"
+
+  # Input pipeline. An empty train_files reads the documentation that ships
+  # with CPython, so the default job needs no download.
+  config.data = ml_collections.ConfigDict()
+  config.data.train_files = ""  # Comma-separated globs of .txt/.jsonl files.
+  config.data.jsonl_field = "text"
+  config.data.tokenizer = ""  # SentencePiece model; empty: train one.
+  config.data.vocab_size = 2048
+  config.data.seq_len = 128
+  config.data.batch_size = 16  # Global batch, in packed examples.
+  config.data.task_rates = ml_collections.ConfigDict(
+      {"lm": 1.0, "mlm": 0.0, "rtd": 0.0, "sop": 0.0})
+  config.data.mask_rate = 0.15  # Share of real tokens selected by mlm/rtd.
+  config.data.sop_num_segments = 2  # k; the sop head has k! classes.
+  config.data.max_bad_fraction = 0.01  # Error above this share of bad records.
+  config.data.num_workers = 0  # Grain worker processes; 0 reads in-process.
+  config.data.shuffle_seed = 0
+
+  # Replaced-token detection: where replacements come from ("random",
+  # "unigram" or "generator") and the ELECTRA generator's shape.
+  config.rtd = ml_collections.ConfigDict()
+  config.rtd.replacements = "random"
+  config.rtd.generator_width_fraction = 0.25
+  config.rtd.generator_weight = 1.0  # Weight of the generator's mlm loss.
+
+  # Loss options of the token objectives.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.label_smoothing = 0.1  # lm only.
+  config.loss.z_loss = 1e-4
+  config.loss.chunk_size = 1024  # Vocabulary block of the fused loss.
+
+  # Task weighting; see docs/weighting.md for the strategies and arguments.
+  config.weighting = ml_collections.ConfigDict()
+  config.weighting.name = "static"
+  config.weighting.weights = ml_collections.ConfigDict(
+      {"lm": 1.0, "mlm": 1.0, "rtd": 1.0, "sop": 1.0})
+
+  # AdamW with linear warmup and cosine decay.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 30
+  config.optimizer.end_learning_rate_factor = 0.1
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.95
+  config.optimizer.clip_norm = 1.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 300
+  config.train.log_every = 10
+  config.train.checkpoint_every = 100
+  config.train.max_checkpoints_to_keep = 3
+
+  # Device mesh. -1 takes the devices left after the other axes.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  return config
