@@ -1,0 +1,507 @@
+"""Multi-objective training: the train step and the training loop.
+
+The pure step functions come first; `train_and_evaluate(config, workdir)`,
+the loop that reads as a recipe (mesh, tokenizer, data, model and optimizer,
+restore, steps, checkpoints), comes last.
+"""
+
+import functools
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mtl_lm import checkpointing
+from mtl_lm import losses
+from mtl_lm import metrics as metrics_lib
+from mtl_lm import model as model_lib
+from mtl_lm import objectives
+from mtl_lm import sharding
+from mtl_lm import tasks
+from mtl_lm import tokenizer as tokenizer_lib
+from mtl_lm import weighting
+from mtl_lm.data import pipeline
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: `{"model": ..., "weighting": ...}`; the second holds the trainable
+      parameters of the weighting strategy (empty for most strategies).
+    opt_state: Optax state of `params`.
+    weighting_state: state of the weighting strategy.
+    task_grad_norms: per task, float32 norm of the gradient of its unweighted
+      loss w.r.t. the final RMSNorm scale at the previous step (GradNorm's
+      input; zeros for other strategies).
+    rng: uint32 `[2]` key for on-device sampling (the ELECTRA generator).
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  weighting_state: PyTree
+  task_grad_norms: PyTree
+  rng: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Configuration checks, run before anything is compiled.
+
+
+def active_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Returns the tasks with a positive mixing rate, in TASK_NAMES order."""
+  rates = dict(config.data.task_rates)
+  unknown = sorted(set(rates) - set(tasks.TASK_NAMES))
+  if unknown:
+    raise ValueError(
+        f"config.data.task_rates has unknown task(s) {unknown}; the tasks are "
+        f"{list(tasks.TASK_NAMES)}.")
+  for task, rate in rates.items():
+    if not rate >= 0:
+      raise ValueError(
+          f"config.data.task_rates.{task}={rate} is invalid; rates must be "
+          "non-negative numbers.")
+  names = tuple(task for task in tasks.TASK_NAMES if rates.get(task, 0) > 0)
+  if not names:
+    raise ValueError(
+        "Every rate in config.data.task_rates is 0, so there is nothing to "
+        "train. Set at least one, e.g. --config.data.task_rates.lm=1.0.")
+  return names
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for settings that cannot work, naming the fix."""
+  active_tasks(config)
+  for name in ("steps", "log_every", "checkpoint_every"):
+    value = config.train[name]
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(
+          f"config.train.{name}={value!r} is invalid; pass a positive integer.")
+  if config.data.seq_len < 8:
+    raise ValueError(
+        f"config.data.seq_len={config.data.seq_len} is too short; use at "
+        "least 8 tokens.")
+  if config.data.sop_num_segments < 2 or config.data.sop_num_segments > 5:
+    raise ValueError(
+        f"config.data.sop_num_segments={config.data.sop_num_segments} is "
+        "invalid; k must be 2 to 5 (the sop head has k! classes).")
+  if not 0.0 <= config.loss.label_smoothing < 1.0:
+    raise ValueError(
+        f"config.loss.label_smoothing={config.loss.label_smoothing} must be "
+        "in [0, 1).")
+  if config.rtd.replacements not in ("random", "unigram", "generator"):
+    raise ValueError(
+        f"config.rtd.replacements={config.rtd.replacements!r} is invalid; "
+        "use 'random', 'unigram' or 'generator'.")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ValueError(
+        f"config.init_from={config.init_from!r} is not a directory. Pass the "
+        "workdir of an earlier stage, e.g. --config.init_from=runs/stage1.")
+
+
+# ---------------------------------------------------------------------------
+# Model, optimizer and weighting from the config.
+
+
+def make_model_config(config, vocab_size: int) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig.from_config(
+      config.model,
+      vocab_size=vocab_size,
+      sop_classes=math.factorial(config.data.sop_num_segments),
+      generator_width_fraction=(config.rtd.generator_width_fraction
+                                if config.rtd.replacements == "generator"
+                                else None),
+  )
+
+
+def make_learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to the peak rate, then cosine decay to its end factor."""
+  optimizer = config.optimizer
+  peak = optimizer.learning_rate
+  warmup_steps = min(optimizer.warmup_steps, config.train.steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup_steps,
+      decay_steps=max(config.train.steps, warmup_steps + 1),
+      end_value=peak * optimizer.end_learning_rate_factor,
+  )
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  # Weight decay applies to matrices only, not to norm scales, biases or the
+  # weighting strategy's parameters (as in Llama and most LM recipes).
+  def decays(path, leaf):
+    in_model = jax.tree_util.keystr(path[:1]) == "['model']"
+    return in_model and leaf.ndim >= 2
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  optimizer = config.optimizer
+  return optax.chain(
+      optax.clip_by_global_norm(optimizer.clip_norm),
+      optax.adamw(
+          make_learning_rate_schedule(config),
+          b1=optimizer.b1,
+          b2=optimizer.b2,
+          weight_decay=optimizer.weight_decay,
+          mask=_decay_mask,
+      ),
+  )
+
+
+# ---------------------------------------------------------------------------
+# The train step.
+
+
+def _batch_bidirectional(batch) -> jax.Array:
+  return batch["task_id"] != tasks.TASK_IDS[tasks.LM]
+
+
+def _with_gradient_taps(outputs, scale, taps, task):
+  """Returns outputs whose hidden states carry task `task`'s tap.
+
+  `hidden = normed * (scale + tap)` has the value of `normed * scale` because
+  every tap is zero, but the gradient w.r.t. the tap is the gradient of this
+  task's loss w.r.t. the final RMSNorm scale, measured in the same backward
+  pass as everything else.
+  """
+  tapped = dict(outputs)
+  hidden = outputs["normed"] * (scale + taps[task]).astype(jnp.float32)
+  tapped["hidden"] = hidden.astype(outputs["hidden"].dtype)
+  return tapped
+
+
+def compute_losses(params, batch, *, module, config, task_names, taps=None):
+  """Runs the model and every active objective.
+
+  Returns:
+    `(task_losses, metrics)` as `objectives.compute_objectives` returns them.
+  """
+  model_params = params["model"]
+  outputs = module.apply(
+      {"params": model_params},
+      batch["input_ids"],
+      segment_ids=batch["segment_ids"],
+      positions=batch["positions"],
+      bidirectional=_batch_bidirectional(batch),
+  )
+  unembedding = model_lib.unembedding_matrix(model_params, module.config)
+  objective_kwargs = dict(
+      label_smoothing=config.loss.label_smoothing,
+      z_loss=config.loss.z_loss,
+      chunk_size=config.loss.chunk_size,
+  )
+  if taps is None:
+    return objectives.compute_objectives(
+        outputs, unembedding, batch, active_tasks=task_names,
+        **objective_kwargs)
+
+  scale = model_params["final_norm"]["scale"]
+  task_losses = {}
+  metrics = {}
+  for task in task_names:
+    tapped = _with_gradient_taps(outputs, scale, taps, task)
+    one_loss, one_metrics = objectives.compute_objectives(
+        tapped, unembedding, batch, active_tasks=(task,), **objective_kwargs)
+    task_losses.update(one_loss)
+    metrics.update(one_metrics)
+  return task_losses, metrics
+
+
+def train_step(state: TrainState, batch, *, module, optimizer,
+               strategy: weighting.WeightingStrategy, config,
+               task_names: tuple[str, ...], learning_rate_fn):
+  """Takes one optimizer step on the weighted sum of the task losses.
+
+  Args:
+    state: the current `TrainState`.
+    batch: dict of global `[batch, ...]` arrays (see `mtl_lm.data.pipeline`).
+    module: the `model.Transformer`.
+    optimizer: Optax transformation of `state.params`.
+    strategy: the task weighting.
+    config: the run's ConfigDict (read only for static settings).
+    task_names: the tasks trained in this run.
+    learning_rate_fn: the optimizer's schedule, for logging.
+
+  Returns:
+    `(new_state, metrics)` with metrics as `{name: (total, count)}` or float
+    scalars, ready for `metrics.MetricsAccumulator`.
+  """
+  measure_grad_norms = strategy.needs_grad_norms
+  scale_shape = state.params["model"]["final_norm"]["scale"].shape
+  taps = ({task: jnp.zeros(scale_shape, jnp.float32) for task in task_names}
+          if measure_grad_norms else None)
+
+  def loss_fn(params, taps):
+    task_sums, task_metrics = compute_losses(
+        params, batch, module=module, config=config, task_names=task_names,
+        taps=taps)
+    task_losses = {task: losses.mean(task_sums[task]) for task in task_names}
+    task_counts = {task: task_sums[task].count for task in task_names}
+    weights, weighting_state = strategy.update(
+        state.weighting_state,
+        jax.lax.stop_gradient(task_losses),
+        state.step,
+        task_counts=task_counts,
+        params=params["weighting"],
+        task_grad_norms=(state.task_grad_norms if measure_grad_norms
+                         else None),
+    )
+    total = sum(weights[task] * task_losses[task] for task in task_names)
+    if strategy.regularizer is not None:
+      total = total + strategy.regularizer(params["weighting"])
+    return total, (task_sums, task_metrics, weights, weighting_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  (total, aux), (grads, tap_grads) = grad_fn(state.params, taps)
+  task_sums, task_metrics, weights, weighting_state = aux
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  task_grad_norms = state.task_grad_norms
+  if measure_grad_norms:
+    # Tap gradients are of w_k * L_k; GradNorm wants the norm for L_k.
+    task_grad_norms = {
+        task: jnp.linalg.norm(tap_grads[task]) /
+        jnp.maximum(jax.lax.stop_gradient(weights[task]), 1e-12)
+        for task in task_names
+    }
+
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      weighting_state=weighting_state,
+      task_grad_norms=task_grad_norms,
+  )
+
+  step_metrics = {"loss/total": total,
+                  "learning_rate": learning_rate_fn(state.step),
+                  "grad_norm": optax.global_norm(grads)}
+  for task in task_names:
+    step_metrics[f"loss/{task}"] = (task_sums[task].total,
+                                    task_sums[task].count)
+    step_metrics[f"weight/{task}"] = weights[task]
+  for name, value in task_metrics.items():
+    step_metrics[name] = (value.total, value.count)
+  return new_state, step_metrics
+
+
+# ---------------------------------------------------------------------------
+# State creation and sharding.
+
+
+def _init_state(rng, batch_shapes, *, module, optimizer, strategy,
+                task_names) -> TrainState:
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = {name: jnp.zeros(shape.shape, shape.dtype)
+           for name, shape in batch_shapes.items()}
+  variables = module.init(
+      init_rng,
+      dummy["input_ids"],
+      segment_ids=dummy["segment_ids"],
+      positions=dummy["positions"],
+      bidirectional=_batch_bidirectional(dummy),
+  )
+  weighting_params = (strategy.init_params(task_names)
+                      if strategy.init_params is not None else {})
+  params = {"model": variables["params"], "weighting": weighting_params}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      weighting_state=strategy.init(task_names),
+      task_grad_norms={task: jnp.zeros((), jnp.float32)
+                       for task in task_names},
+      rng=state_rng,
+  )
+
+
+def batch_shapes(config, local_batch_size: int | None = None):
+  """Returns `jax.ShapeDtypeStruct`s of the global batch fields."""
+  batch_size = config.data.batch_size
+  length = config.data.seq_len
+  token = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+  return {
+      "input_ids": token,
+      "original_ids": token,
+      "targets": token,
+      "loss_weights": jax.ShapeDtypeStruct((batch_size, length), jnp.float32),
+      "segment_ids": token,
+      "positions": token,
+      "task_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      "sop_label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
+
+
+class Trainer:
+  """Builds the jitted init and step functions for one config and mesh."""
+
+  def __init__(self, config, *, vocab_size: int, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.task_names = active_tasks(config)
+    self.module = model_lib.Transformer(make_model_config(config, vocab_size))
+    self.optimizer = make_optimizer(config)
+    self.learning_rate_fn = make_learning_rate_schedule(config)
+    self.strategy = weighting.from_config(config.weighting, self.task_names)
+    self.batch_shapes = batch_shapes(config)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+    init_fn = functools.partial(
+        _init_state, batch_shapes=self.batch_shapes, module=self.module,
+        optimizer=self.optimizer, strategy=self.strategy,
+        task_names=self.task_names)
+    with sharding.sharding_context(mesh):
+      boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    self.state_shardings = sharding.params_shardings(boxed, mesh)
+    self.abstract_state = jax.tree.map(
+        lambda shape, sharding_: jax.ShapeDtypeStruct(
+            shape.shape, shape.dtype, sharding=sharding_),
+        nn.unbox(boxed), self.state_shardings)
+    self._init = jax.jit(lambda rng: nn.unbox(init_fn(rng)),
+                         out_shardings=self.state_shardings)
+
+    step_fn = functools.partial(
+        train_step, module=self.module, optimizer=self.optimizer,
+        strategy=self.strategy, config=config, task_names=self.task_names,
+        learning_rate_fn=self.learning_rate_fn)
+    batch_shardings = {name: self.batch_sharding for name in self.batch_shapes}
+    self._step = jax.jit(
+        step_fn,
+        in_shardings=(self.state_shardings, batch_shardings),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+  def init(self, seed: int) -> TrainState:
+    with sharding.sharding_context(self.mesh):
+      return self._init(jax.random.PRNGKey(seed))
+
+  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    with sharding.sharding_context(self.mesh):
+      return self._step(state, batch)
+
+
+# ---------------------------------------------------------------------------
+# The training loop.
+
+
+def _resolve_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+  """Loads or trains the tokenizer; a later stage reuses its parent's."""
+  if not config.data.tokenizer and config.init_from:
+    parent = os.path.join(config.init_from, "tokenizer.model")
+    own = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(parent) and not os.path.exists(own):
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copyfile(parent, own)
+      logging.info("Using the tokenizer of %s.", config.init_from)
+  return tokenizer_lib.load_or_train_tokenizer(config.data, workdir)
+
+
+def _check_finite(step: int, summary: Mapping[str, float]) -> None:
+  total = summary.get("loss/total", 0.0)
+  if not math.isfinite(total):
+    raise FloatingPointError(
+        f"loss/total is {total} at step {step}. Lower "
+        "config.optimizer.learning_rate or check the data; the last "
+        "checkpoint before this step is intact.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains until `config.train.steps`, resuming from `workdir` if possible.
+
+  Returns:
+    The metrics of the last log step.
+  """
+  # Settings are checked before any data is read or anything compiled.
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(
+        f"config.data.batch_size={config.data.batch_size} is not divisible "
+        f"by the {jax.process_count()} processes.")
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("Training tasks %s on mesh %s.", active_tasks(config),
+               dict(mesh.shape))
+
+  # The tokenizer fixes the vocabulary, so it comes before the model.
+  tokenizer = _resolve_tokenizer(config, workdir)
+  train_iter = pipeline.make_train_iterator(config, tokenizer)
+
+  trainer = Trainer(config, vocab_size=tokenizer.vocab_size, mesh=mesh)
+  manager = checkpointing.make_manager(
+      workdir, max_to_keep=config.train.max_checkpoints_to_keep)
+
+  # Resume this run, or start it, from another run's parameters if asked.
+  latest = manager.latest_step()
+  if latest is not None:
+    state = checkpointing.restore(manager, latest, trainer.abstract_state,
+                                  train_iter)
+    logging.info("Resuming at step %d.", latest)
+  else:
+    state = trainer.init(config.seed)
+    if config.init_from:
+      params, _ = checkpointing.restore_params(
+          config.init_from, trainer.abstract_state.params["model"])
+      state = state.replace(params={**state.params, "model": params})
+
+  writer = metrics_lib.MetricsWriter(workdir)
+  accumulator = metrics_lib.MetricsAccumulator()
+  first_step = int(jax.device_get(state.step))
+  if first_step >= config.train.steps:
+    logging.info("Step %d already reached config.train.steps=%d; nothing to "
+                 "do.", first_step, config.train.steps)
+    manager.close()
+    return {}
+
+  summary = {}
+  interval_start = time.perf_counter()
+  interval_tokens = 0
+  for step in range(first_step + 1, config.train.steps + 1):
+    local_batch = next(train_iter)
+    interval_tokens += int(np.count_nonzero(local_batch["segment_ids"]))
+    batch = pipeline.make_global_batch(local_batch, mesh,
+                                        trainer.batch_sharding)
+    state, step_metrics = trainer.step(state, batch)
+    accumulator.add(step_metrics)
+
+    if step % config.train.log_every == 0 or step == config.train.steps:
+      summary = accumulator.summary()
+      elapsed = time.perf_counter() - interval_start
+      summary["tokens_per_second"] = (
+          interval_tokens * jax.process_count() / max(elapsed, 1e-9))
+      _check_finite(step, summary)
+      writer.write(step, summary)
+      interval_start = time.perf_counter()
+      interval_tokens = 0
+
+    if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+      # A non-finite state is never saved over the last good checkpoint.
+      _check_finite(step, {"loss/total": float(step_metrics["loss/total"])})
+      checkpointing.save(manager, step, state, train_iter)
+
+  manager.wait_until_finished()
+  manager.close()
+  return summary
