@@ -39,7 +39,12 @@ def get_config():
   # Input pipeline. An empty train_files reads the documentation that ships
   # with CPython, so the default job needs no download.
   config.data = ml_collections.ConfigDict()
-  config.data.train_files = ""  # Comma-separated globs of .txt/.jsonl files.
+  # Comma-separated globs of .txt/.jsonl/.parquet/.array_record files or
+  # directories of them.
+  config.data.train_files = ""
+  # Sampling weight of each glob in train_files, comma-separated; empty:
+  # proportional to each glob's number of documents.
+  config.data.train_weights = ""
   config.data.jsonl_field = "text"
   config.data.tokenizer = ""  # SentencePiece model; empty: train one.
   config.data.vocab_size = 2048
@@ -48,6 +53,9 @@ def get_config():
   config.data.task_rates = ml_collections.ConfigDict(
       {"lm": 1.0, "mlm": 0.0, "rtd": 0.0, "sop": 0.0})
   config.data.mask_rate = 0.15  # Share of real tokens selected by mlm/rtd.
+  # What mlm/rtd select: "token" (BERT), "whole_word" (every piece of a word;
+  # each CJK character is a word) or "span" (SpanBERT's geometric spans).
+  config.data.mlm_variant = "token"
   config.data.sop_num_segments = 2  # k; the sop head has k! classes.
   config.data.max_bad_fraction = 0.01  # Error above this share of bad records.
   config.data.num_workers = 0  # Grain worker processes; 0 reads in-process.
@@ -58,7 +66,9 @@ def get_config():
   config.rtd = ml_collections.ConfigDict()
   config.rtd.replacements = "random"
   config.rtd.generator_width_fraction = 0.25
-  config.rtd.generator_weight = 1.0  # Weight of the generator's mlm loss.
+  # The generator's mlm loss gets the rtd weight divided by this, as ELECTRA
+  # weights its discriminator 50 times its generator.
+  config.rtd.discriminator_weight = 50.0
 
   # Loss options of the token objectives.
   config.loss = ml_collections.ConfigDict()
@@ -71,6 +81,34 @@ def get_config():
   config.weighting.name = "static"
   config.weighting.weights = ml_collections.ConfigDict(
       {"lm": 1.0, "mlm": 1.0, "rtd": 1.0, "sop": 1.0})
+  # Arguments of the other strategies; only the section of `name` is read.
+  # "scheduled": per task a number or {"kind": "constant", "value": v},
+  # {"kind": "linear", "init", "end", "begin", "steps"} (a ramp from step
+  # `begin` over `steps` steps) or {"kind": "piecewise_constant", "values",
+  # "boundaries"}.
+  config.weighting.schedules = ml_collections.ConfigDict({
+      "lm": {"kind": "constant", "value": 1.0},
+      "mlm": {"kind": "constant", "value": 1.0},
+      "rtd": {"kind": "constant", "value": 1.0},
+      "sop": {"kind": "constant", "value": 1.0},
+  })
+  config.weighting.dwa = ml_collections.ConfigDict(
+      {"temperature": 2.0, "window": 20})  # window: updates per mean loss.
+  config.weighting.famo = ml_collections.ConfigDict(
+      {"learning_rate": 0.025, "gamma": 0.001, "min_loss": 1e-8})
+  config.weighting.gradnorm = ml_collections.ConfigDict(
+      {"alpha": 1.5, "learning_rate": 0.025})
+  config.weighting.relative_progress = ml_collections.ConfigDict(
+      {"max_change": 0.01, "temperature": 0.2, "ema_decay": 0.9})
+  # Bounds applied to any strategy. With normalize=True the weights are
+  # rescaled by one factor so that, after clipping to [floor, cap], they sum
+  # to the number of tasks.
+  config.weighting.floors = ml_collections.ConfigDict(
+      {"lm": 0.0, "mlm": 0.0, "rtd": 0.0, "sop": 0.0})
+  config.weighting.caps = ml_collections.ConfigDict(
+      {"lm": float("inf"), "mlm": float("inf"), "rtd": float("inf"),
+       "sop": float("inf")})
+  config.weighting.normalize = False
 
   # AdamW with linear warmup and cosine decay.
   config.optimizer = ml_collections.ConfigDict()
