@@ -35,6 +35,12 @@ def get_config():
   config.model.tie_embeddings = False
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
+  # One compiled block scanned over the layers (params get a leading
+  # "layers" axis); False unrolls a Python loop over layers_0, layers_1, ...
+  config.model.scan_layers = True
+  # Activation checkpointing per block: "none", "full" or "dots" (keep the
+  # weight matmul outputs, recompute the rest in the backward pass).
+  config.model.remat_policy = "none"
 
   # Input pipeline. An empty train_files reads the documentation that ships
   # with CPython, so the default job needs no download.

@@ -8,6 +8,7 @@ Running the same command again resumes from the latest checkpoint in the
 workdir. The workdir defaults to `runs/<config file stem>`.
 """
 
+import logging as logging_std
 import os
 
 from absl import app
@@ -25,7 +26,32 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Folder for checkpoints, metrics.jsonl and the tokenizer; default "
     "runs/<config file stem>.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for multi-process training without a cluster "
+    "scheduler that JAX detects; needs --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes, with --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, with --coordinator_address.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() with the settings JAX detects (Cloud "
+    "TPU pods, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config"])
+
+
+def initialize_distributed() -> None:
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError(
+          "--coordinator_address needs --num_processes and --process_id.")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
 
 
 def default_workdir(config_path: str) -> str:
@@ -33,9 +59,19 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", stem)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops the per-save INFO chatter of Orbax; its warnings still show."""
+
+  def filter(self, record):
+    return (record.levelno >= logging_std.WARNING
+            or "/orbax/" not in record.pathname)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  initialize_distributed()
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(config_path)
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)

@@ -77,13 +77,36 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored[_STATE]
 
 
+def read_state(workdir: str, step: int | None = None) -> tuple[Any, int]:
+  """Reads a saved train state as host arrays, without a model or config.
+
+  Args:
+    workdir: the run's workdir.
+    step: the checkpoint to read; None reads the latest.
+
+  Returns:
+    The state as nested dicts of numpy arrays, and its step.
+  """
+  manager = make_manager(workdir, max_to_keep=1, read_only=True)
+  if step is None:
+    step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise ValueError(f"{checkpoint_dir(workdir)} contains no checkpoint.")
+  restored = manager.restore(
+      step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()}))
+  manager.close()
+  return restored[_STATE], step
+
+
 def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
   """Reads the model parameters of the latest checkpoint of another run.
 
   Args:
     workdir: the other run's workdir (the folder holding `checkpoints/`).
-    abstract_params: `jax.ShapeDtypeStruct` tree with shardings of the
-      parameters to read; it must match the saved model's shapes.
+    abstract_params: `jax.ShapeDtypeStruct` tree with shardings of the model
+      parameters to read (`state.params["model"]`); it must match the saved
+      model's shapes.
 
   Returns:
     The parameters and the step they were saved at.
@@ -98,18 +121,24 @@ def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
         f"config.init_from={workdir!r} has no checkpoints folder "
         f"({directory} not found). Pass the workdir of a finished run, e.g. "
         "--config.init_from=runs/stage1.")
-  manager = make_manager(workdir, max_to_keep=1, read_only=True)
+  # The PyTree handler reads the Standard handler's format and can restore
+  # a subtree (partial_restore), so the optimizer state is never loaded.
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
+  )
   step = manager.latest_step()
   if step is None:
     raise ValueError(
         f"config.init_from={workdir!r} contains no finished checkpoint in "
         f"{directory}. Run that stage to completion first.")
   metadata = manager.item_metadata(step)[_STATE]
-  saved_params = _tree_get(metadata, "params")
+  metadata = getattr(metadata, "tree", metadata)
+  saved_params = metadata["params"]["model"]
   _check_same_shapes(saved_params, abstract_params, workdir)
-  # Read only the `params` subtree, with the shardings of this run.
-  abstract_state = jax.tree.map(
-      lambda leaf: leaf, {"params": abstract_params})
+  # Read only the model parameters, into the shardings of this run.
+  abstract_state = {"params": {"model": abstract_params}}
   restored = manager.restore(
       step,
       args=ocp.args.Composite(**{
@@ -123,13 +152,7 @@ def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
   )
   manager.close()
   logging.info("Initialised parameters from %s, step %d.", directory, step)
-  return restored[_STATE]["params"], step
-
-
-def _tree_get(tree: Any, key: str) -> Any:
-  if isinstance(tree, dict):
-    return tree[key]
-  return getattr(tree, key)
+  return restored[_STATE]["params"]["model"], step
 
 
 def _check_same_shapes(saved: Any, expected: Any, workdir: str) -> None:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from mtl_lm import losses
 from mtl_lm import tasks
+from mtl_lm import tokenizer
 
 Batch = Mapping[str, jax.Array]
 Outputs = Mapping[str, jax.Array]
@@ -68,6 +69,99 @@ def sop_objective(outputs: Outputs, batch: Batch):
   accuracy = losses.argmax_accuracy(outputs["sop_logits"],
                                     batch["sop_label"], weights)
   return losses.weighted_sum(per_example, weights), {"accuracy": accuracy}
+
+
+def sample_tokens(hidden: jax.Array, unembedding: jax.Array, rng: jax.Array,
+                  *, chunk_size: int, first_allowed_id: int) -> jax.Array:
+  """Samples one token per position from `softmax(hidden @ unembedding)`.
+
+  Uses the Gumbel-max trick block by block over the vocabulary, so the full
+  `[batch, length, vocab]` logits never exist; the noise and the running
+  maximum are float32. Ids below `first_allowed_id` (the special tokens) are
+  never drawn.
+
+  Args:
+    hidden: `[batch, length, embed]`.
+    unembedding: `[embed, vocab]`.
+    rng: PRNG key.
+    chunk_size: vocabulary columns per block.
+    first_allowed_id: the smallest id that may be drawn.
+
+  Returns:
+    `[batch, length]` int32 sampled ids.
+  """
+  vocab = unembedding.shape[1]
+  num_blocks = -(-vocab // chunk_size)
+  padded_vocab = num_blocks * chunk_size
+  # [embed, vocab] -> [embed, num_blocks * chunk]; padded columns are masked.
+  unembedding = jnp.pad(unembedding, ((0, 0), (0, padded_vocab - vocab)))
+  hidden = jax.lax.stop_gradient(hidden)
+
+  def scan_block(carry, index):
+    best_score, best_id = carry
+    start = index * chunk_size
+    block = jax.lax.dynamic_slice_in_dim(unembedding, start, chunk_size, 1)
+    logits = jnp.einsum("ble,ev->blv", hidden, block.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    ids = start + jnp.arange(chunk_size)
+    allowed = (ids >= first_allowed_id) & (ids < vocab)
+    gumbel = jax.random.gumbel(jax.random.fold_in(rng, index), logits.shape,
+                               jnp.float32)
+    score = jnp.where(allowed, logits + gumbel, -jnp.inf)
+    block_best = jnp.argmax(score, axis=-1)
+    block_score = jnp.max(score, axis=-1)
+    better = block_score > best_score
+    return (jnp.where(better, block_score, best_score),
+            jnp.where(better, start + block_best, best_id)), None
+
+  batch_shape = hidden.shape[:-1]
+  init = (jnp.full(batch_shape, -jnp.inf, jnp.float32),
+          jnp.full(batch_shape, first_allowed_id, jnp.int32))
+  (_, sampled), _ = jax.lax.scan(scan_block, init, jnp.arange(num_blocks))
+  return sampled.astype(jnp.int32)
+
+
+def electra_generator_objective(generator_hidden: jax.Array,
+                                unembedding: jax.Array, batch: Batch,
+                                rng: jax.Array, *, z_loss: float,
+                                chunk_size: int):
+  """Trains the ELECTRA generator and builds the discriminator's inputs.
+
+  On rtd rows the pipeline put `MASK_ID` at the selected positions. The
+  generator predicts the original tokens there (its mlm loss), and a token
+  sampled from its distribution replaces each mask. A sample equal to the
+  original is labelled original. The discrete samples carry no gradient, so
+  the discriminator's loss never reaches the generator.
+
+  Args:
+    generator_hidden: `[batch, length, embed]` generator outputs for
+      `batch["input_ids"]`.
+    unembedding: `[embed, vocab]`, shared with the discriminator.
+    batch: the batch from the pipeline.
+    rng: PRNG key for sampling.
+    z_loss: z-loss coefficient of the generator's mlm loss.
+    chunk_size: vocabulary block of the fused loss and the sampler.
+
+  Returns:
+    `(loss, metrics, rtd_batch)`: the generator's mlm `WeightedSum`, its
+    accuracy, and `batch` with sampled replacements in `input_ids` and the
+    "replaced" labels in `targets` of the rtd rows.
+  """
+  rtd_rows = task_rows(batch, tasks.RTD)[:, None] > 0
+  selected = rtd_rows & (batch["input_ids"] == tokenizer.MASK_ID)
+  loss, accuracy = losses.fused_masked_lm_loss(
+      generator_hidden, unembedding, batch["original_ids"],
+      selected.astype(jnp.float32), z_loss=z_loss, chunk_size=chunk_size)
+
+  sampled = sample_tokens(generator_hidden, unembedding, rng,
+                          chunk_size=chunk_size,
+                          first_allowed_id=tokenizer.NUM_RESERVED_IDS)
+  input_ids = jnp.where(selected, sampled, batch["input_ids"])
+  replaced = (input_ids != batch["original_ids"]).astype(jnp.int32)
+  rtd_batch = dict(batch)
+  rtd_batch["input_ids"] = input_ids
+  rtd_batch["targets"] = jnp.where(rtd_rows, replaced, batch["targets"])
+  return loss, {"accuracy": accuracy}, rtd_batch
 
 
 def compute_objectives(

@@ -108,6 +108,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.rtd.replacements={config.rtd.replacements!r} is invalid; "
         "use 'random', 'unigram' or 'generator'.")
+  if not config.rtd.discriminator_weight > 0:
+    raise ValueError(
+        f"config.rtd.discriminator_weight={config.rtd.discriminator_weight} "
+        "is invalid; it must be positive (ELECTRA uses 50).")
   if config.init_from and not os.path.isdir(config.init_from):
     raise ValueError(
         f"config.init_from={config.init_from!r} is not a directory. Pass the "
@@ -189,13 +193,40 @@ def _with_gradient_taps(outputs, scale, taps, task):
   return tapped
 
 
-def compute_losses(params, batch, *, module, config, task_names, taps=None):
+def uses_generator(config) -> bool:
+  return config.rtd.replacements == "generator"
+
+
+def compute_losses(params, batch, rng, *, module, config, task_names,
+                   taps=None):
   """Runs the model and every active objective.
 
   Returns:
-    `(task_losses, metrics)` as `objectives.compute_objectives` returns them.
+    `(task_losses, metrics, generator_loss)`: the first two as
+    `objectives.compute_objectives` returns them, and the ELECTRA
+    generator's mlm `WeightedSum` (None without a generator).
   """
   model_params = params["model"]
+  unembedding = model_lib.unembedding_matrix(model_params, module.config)
+  objective_kwargs = dict(
+      label_smoothing=config.loss.label_smoothing,
+      z_loss=config.loss.z_loss,
+      chunk_size=config.loss.chunk_size,
+  )
+
+  generator_loss = None
+  metrics = {}
+  if uses_generator(config) and tasks.RTD in task_names:
+    generator_hidden = module.apply(
+        {"params": model_params}, batch["input_ids"],
+        segment_ids=batch["segment_ids"], positions=batch["positions"],
+        method=module.generator_hidden)
+    generator_loss, generator_metrics, batch = (
+        objectives.electra_generator_objective(
+            generator_hidden, unembedding, batch, rng,
+            z_loss=config.loss.z_loss, chunk_size=config.loss.chunk_size))
+    metrics["accuracy/generator"] = generator_metrics["accuracy"]
+
   outputs = module.apply(
       {"params": model_params},
       batch["input_ids"],
@@ -203,27 +234,22 @@ def compute_losses(params, batch, *, module, config, task_names, taps=None):
       positions=batch["positions"],
       bidirectional=_batch_bidirectional(batch),
   )
-  unembedding = model_lib.unembedding_matrix(model_params, module.config)
-  objective_kwargs = dict(
-      label_smoothing=config.loss.label_smoothing,
-      z_loss=config.loss.z_loss,
-      chunk_size=config.loss.chunk_size,
-  )
   if taps is None:
-    return objectives.compute_objectives(
+    task_losses, task_metrics = objectives.compute_objectives(
         outputs, unembedding, batch, active_tasks=task_names,
         **objective_kwargs)
+    metrics.update(task_metrics)
+    return task_losses, metrics, generator_loss
 
   scale = model_params["final_norm"]["scale"]
   task_losses = {}
-  metrics = {}
   for task in task_names:
     tapped = _with_gradient_taps(outputs, scale, taps, task)
     one_loss, one_metrics = objectives.compute_objectives(
         tapped, unembedding, batch, active_tasks=(task,), **objective_kwargs)
     task_losses.update(one_loss)
     metrics.update(one_metrics)
-  return task_losses, metrics
+  return task_losses, metrics, generator_loss
 
 
 def train_step(state: TrainState, batch, *, module, optimizer,
@@ -250,10 +276,12 @@ def train_step(state: TrainState, batch, *, module, optimizer,
   taps = ({task: jnp.zeros(scale_shape, jnp.float32) for task in task_names}
           if measure_grad_norms else None)
 
+  rng, sample_rng = jax.random.split(state.rng)
+
   def loss_fn(params, taps):
-    task_sums, task_metrics = compute_losses(
-        params, batch, module=module, config=config, task_names=task_names,
-        taps=taps)
+    task_sums, task_metrics, generator_sum = compute_losses(
+        params, batch, sample_rng, module=module, config=config,
+        task_names=task_names, taps=taps)
     task_losses = {task: losses.mean(task_sums[task]) for task in task_names}
     task_counts = {task: task_sums[task].count for task in task_names}
     weights, weighting_state = strategy.update(
@@ -267,7 +295,14 @@ def train_step(state: TrainState, batch, *, module, optimizer,
     )
     total = sum(weights[task] * task_losses[task] for task in task_names)
     if strategy.regularizer is not None:
-      total = total + strategy.regularizer(params["weighting"])
+      total = total + strategy.regularizer(params["weighting"],
+                                           task_counts=task_counts)
+    if generator_sum is not None:
+      # ELECTRA weights the discriminator `discriminator_weight` times the
+      # generator; the discriminator's weight is the rtd task weight.
+      generator_weight = weights[tasks.RTD] / config.rtd.discriminator_weight
+      total = total + generator_weight * losses.mean(generator_sum)
+      task_metrics["loss/generator"] = generator_sum
     return total, (task_sums, task_metrics, weights, weighting_state)
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -292,11 +327,12 @@ def train_step(state: TrainState, batch, *, module, optimizer,
       opt_state=opt_state,
       weighting_state=weighting_state,
       task_grad_norms=task_grad_norms,
+      rng=rng,
   )
 
   step_metrics = {"loss/total": total,
                   "learning_rate": learning_rate_fn(state.step),
-                  "grad_norm": optax.global_norm(grads)}
+                  "grad_norm": optax.tree.norm(grads)}
   for task in task_names:
     step_metrics[f"loss/{task}"] = (task_sums[task].total,
                                     task_sums[task].count)
@@ -486,6 +522,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                         trainer.batch_sharding)
     state, step_metrics = trainer.step(state, batch)
     accumulator.add(step_metrics)
+    if step == first_step + 1:
+      # The first step compiles; the throughput is measured from here on.
+      jax.block_until_ready(state)
+      interval_start = time.perf_counter()
+      interval_tokens = 0
 
     if step % config.train.log_every == 0 or step == config.train.steps:
       summary = accumulator.summary()

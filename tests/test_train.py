@@ -1,0 +1,231 @@
+"""Tests of the train step and the training loop on a tiny model."""
+
+import filecmp
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mtl_lm import checkpointing
+from mtl_lm import sharding
+from mtl_lm import tasks
+from mtl_lm import train
+from mtl_lm import weighting
+import train_fixtures
+
+_VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("corpus")
+  return train_fixtures.write_corpus(str(folder / "corpus.txt"))
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir):
+  state, step = checkpointing.read_state(workdir)
+  return step, state["params"]["model"]
+
+
+def _single_device_trainer(config):
+  mesh = sharding.make_mesh(config.mesh)
+  return train.Trainer(config, vocab_size=_VOCAB, mesh=mesh)
+
+
+def test_resume_matches_uninterrupted_run(corpus, tmp_path):
+  config = train_fixtures.tiny_config(corpus, steps=6)
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config, str(straight))
+
+  # An interrupted run: the same workdir as it was after step 4's checkpoint.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  metrics_lines = (resumed / "metrics.jsonl").read_text().splitlines()
+  (resumed / "metrics.jsonl").write_text("\n".join(metrics_lines[:2]) + "\n")
+  train.train_and_evaluate(config, str(resumed))
+
+  straight_step, straight_params = _final_params(str(straight))
+  resumed_step, resumed_params = _final_params(str(resumed))
+  assert straight_step == 6
+  assert resumed_step == 6
+  jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
+  # The same batches after the restart: the step-6 metrics agree exactly.
+  straight_last = _read_metrics(str(straight))[-1]
+  resumed_last = _read_metrics(str(resumed))[-1]
+  assert resumed_last["step"] == 6
+  for name, value in straight_last.items():
+    if name != "tokens_per_second":
+      assert resumed_last[name] == value, name
+
+
+def test_metrics_have_every_task_field(corpus, tmp_path):
+  config = train_fixtures.tiny_config(corpus, steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+
+  record = _read_metrics(workdir)[-1]
+  assert record["step"] == 2
+  for name in ("loss/total", "learning_rate", "tokens_per_second"):
+    assert math.isfinite(record[name]), name
+  for task in tasks.TASK_NAMES:
+    for prefix in ("loss", "weight", "accuracy"):
+      assert math.isfinite(record[f"{prefix}/{task}"]), f"{prefix}/{task}"
+  assert record["tokens_per_second"] > 0
+
+
+def test_rerun_after_last_step_does_nothing(corpus, tmp_path):
+  config = train_fixtures.tiny_config(corpus, steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  lines_before = len(_read_metrics(workdir))
+
+  assert train.train_and_evaluate(config, workdir) == {}
+  assert len(_read_metrics(workdir)) == lines_before
+
+
+def test_init_from_copies_params_and_tokenizer(corpus, tmp_path):
+  stage1 = str(tmp_path / "stage1")
+  config = train_fixtures.tiny_config(corpus, stage="stage1", steps=2)
+  train.train_and_evaluate(config, stage1)
+
+  stage2 = str(tmp_path / "stage2")
+  config = train_fixtures.tiny_config(corpus, stage="stage2", steps=2)
+  config.init_from = stage1
+  # With a zero learning rate (which also scales weight decay) the second
+  # stage's parameters stay those it started from.
+  config.optimizer.learning_rate = 0.0
+  train.train_and_evaluate(config, stage2)
+
+  assert filecmp.cmp(os.path.join(stage1, "tokenizer.model"),
+                     os.path.join(stage2, "tokenizer.model"), shallow=False)
+  _, stage1_params = _final_params(stage1)
+  _, stage2_params = _final_params(stage2)
+  jax.tree.map(np.testing.assert_array_equal, stage1_params, stage2_params)
+
+
+def test_init_from_without_checkpoint_raises(corpus, tmp_path):
+  config = train_fixtures.tiny_config(corpus)
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  config.init_from = str(empty)
+  with pytest.raises(ValueError, match="has no checkpoints folder"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.task_rates.lm", 0.0, "nothing to train"),
+    ("data.sop_num_segments", 7, "k must be 2 to 5"),
+    ("rtd.replacements", "bert", "use 'random', 'unigram' or 'generator'"),
+    ("init_from", "/no/such/run", "is not a directory"),
+    ("mesh.data", 2, "mesh"),
+    ("data.train_files", "/no/such/*.txt", "/no/such"),
+])
+def test_invalid_setting_raises_before_training(corpus, tmp_path, field,
+                                                value, message):
+  config = train_fixtures.tiny_config(corpus, stage="base")
+  section, _, name = field.rpartition(".")
+  target = config
+  for part in filter(None, section.split(".")):
+    target = target[part]
+  target[name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", weighting.STRATEGY_NAMES)
+def test_weighting_strategy_runs_in_jitted_step(corpus, name):
+  config = train_fixtures.tiny_config(corpus)
+  config.weighting.name = name
+  trainer = _single_device_trainer(config)
+  state = trainer.init(seed=0)
+
+  for seed in range(3):
+    batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB,
+                                           seed=seed)
+    state, metrics = trainer.step(state, batch)
+
+  assert int(state.step) == 3
+  for task in tasks.TASK_NAMES:
+    weight = float(metrics[f"weight/{task}"])
+    assert math.isfinite(weight) and weight >= 0, (task, weight)
+  assert math.isfinite(float(metrics["loss/total"]))
+  # Three steps, one compilation.
+  assert trainer._step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_gradnorm_measures_task_gradient_norms(corpus):
+  config = train_fixtures.tiny_config(corpus)
+  config.weighting.name = "gradnorm"
+  trainer = _single_device_trainer(config)
+  state = trainer.init(seed=0)
+  batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB)
+  new_state, _ = trainer.step(state, batch)
+
+  norms = {task: float(value)
+           for task, value in new_state.task_grad_norms.items()}
+  for task in tasks.TASK_NAMES:
+    assert norms[task] > 0, norms
+
+
+def test_step_loss_matches_task_means(corpus):
+  # loss/total is the weighted sum of the per-task means (static weights).
+  config = train_fixtures.tiny_config(corpus)
+  config.weighting.weights.lm = 2.0
+  config.weighting.weights.sop = 0.5
+  trainer = _single_device_trainer(config)
+  state = trainer.init(seed=0)
+  batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB)
+  _, metrics = trainer.step(state, batch)
+
+  expected = 0.0
+  for task in tasks.TASK_NAMES:
+    total, count = (float(value) for value in metrics[f"loss/{task}"])
+    assert count > 0, task
+    expected += float(metrics[f"weight/{task}"]) * total / count
+  np.testing.assert_allclose(float(metrics["loss/total"]), expected,
+                             rtol=1e-5)
+
+
+def test_generator_replacements_train_the_generator(corpus):
+  config = train_fixtures.tiny_config(corpus)
+  config.rtd.replacements = "generator"
+  trainer = _single_device_trainer(config)
+  state = trainer.init(seed=0)
+  assert "generator" in state.params["model"]
+  # The step donates its input state, so keep a host copy.
+  before = jax.tree.leaves(jax.device_get(state.params["model"]["generator"]))
+  batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB)
+  new_state, metrics = trainer.step(state, batch)
+
+  total, count = (float(value) for value in metrics["loss/generator"])
+  rtd_rows = batch["task_id"] == tasks.TASK_IDS[tasks.RTD]
+  masked = np.sum((batch["input_ids"] == 4) & rtd_rows[:, None])
+  assert count == masked
+  assert math.isfinite(total)
+  # The generator's parameters moved, so its loss reached them.
+  after = jax.tree.leaves(new_state.params["model"]["generator"])
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_lm_loss_falls_on_small_corpus(corpus, tmp_path):
+  config = train_fixtures.tiny_config(corpus, stage="base", steps=30)
+  config.train.log_every = 5
+  config.train.checkpoint_every = 30
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+
+  records = _read_metrics(workdir)
+  first, last = records[0]["loss/lm"], records[-1]["loss/lm"]
+  assert last < 0.8 * first, (first, last)

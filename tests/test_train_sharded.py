@@ -1,0 +1,75 @@
+"""The sharded train step on 8 simulated CPU devices equals the 1-device one.
+
+The 8-device run happens in a subprocess, because the device count is fixed
+when JAX starts and other tests in this process use one device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import train_fixtures
+
+_VOCAB = 300
+
+# Runs one step of the tiny config on a mesh and prints its metrics and the
+# sum of every updated parameter as JSON.
+_STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests_dir!r})
+    from mtl_lm import sharding, train
+    import train_fixtures
+
+    config = train_fixtures.tiny_config({corpus!r})
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = {mesh}
+    config.weighting.name = {weighting!r}
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = train.Trainer(config, vocab_size={vocab}, mesh=mesh)
+    state = trainer.init(seed=0)
+    for seed in range(2):
+      batch = train_fixtures.synthetic_batch(config, vocab_size={vocab},
+                                             seed=seed)
+      state, metrics = trainer.step(state, batch)
+    sums = [float(np.sum(np.asarray(leaf, np.float64)))
+            for leaf in jax.tree.leaves(jax.device_get(state.params))]
+    metrics = {{name: np.asarray(value, np.float64).tolist()
+               for name, value in jax.device_get(metrics).items()}}
+    print(json.dumps({{"metrics": metrics, "param_sums": sums,
+                      "devices": jax.device_count()}}))
+""")
+
+
+def _run_step(corpus, *, mesh, weighting, device_count):
+  script = _STEP_SCRIPT.format(
+      tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
+      mesh=mesh, weighting=weighting, vocab=_VOCAB)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+      f"--xla_force_host_platform_device_count={device_count}")
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+  corpus = train_fixtures.write_corpus(str(tmp_path / "corpus.txt"))
+  single = _run_step(corpus, mesh=(1, 1, 1), weighting="gradnorm",
+                     device_count=1)
+  sharded = _run_step(corpus, mesh=(2, 2, 2), weighting="gradnorm",
+                      device_count=8)
+
+  assert single["devices"] == 1
+  assert sharded["devices"] == 8
+  for name, value in single["metrics"].items():
+    np.testing.assert_allclose(sharded["metrics"][name], value, rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(sharded["param_sums"], single["param_sums"],
+                             rtol=2e-5, atol=1e-5)
