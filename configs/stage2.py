@@ -24,4 +24,11 @@ def get_config():
   config.data.task_rates.mlm = 0.2
   config.data.task_rates.rtd = 0.2
   config.data.task_rates.sop = 0.2
+  # The new tasks are ramped in, so their untrained heads' first gradients
+  # do not disturb the representation that stage 1 built: weight 0 at the
+  # start, 1 after 100 steps.
+  config.weighting.name = "scheduled"
+  for task in ("rtd", "sop"):
+    config.weighting.schedules[task] = {
+        "kind": "linear", "init": 0.0, "end": 1.0, "begin": 0, "steps": 100}
   return config

@@ -182,6 +182,7 @@ def test_gradnorm_measures_task_gradient_norms(corpus):
 def test_step_loss_matches_task_means(corpus):
   # loss/total is the weighted sum of the per-task means (static weights).
   config = train_fixtures.tiny_config(corpus)
+  config.weighting.name = "static"
   config.weighting.weights.lm = 2.0
   config.weighting.weights.sop = 0.5
   trainer = _single_device_trainer(config)
