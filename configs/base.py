@@ -53,7 +53,7 @@ def get_config():
   config.data.train_weights = ""
   config.data.jsonl_field = "text"
   config.data.tokenizer = ""  # SentencePiece model; empty: train one.
-  config.data.vocab_size = 2048
+  config.data.vocab_size = 4096
   config.data.seq_len = 128
   config.data.batch_size = 16  # Global batch, in packed examples.
   config.data.task_rates = ml_collections.ConfigDict(

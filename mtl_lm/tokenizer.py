@@ -26,10 +26,14 @@ Training choices, fixed for every model that `train_tokenizer` writes:
 * `byte_fallback=True`: characters outside the vocabulary, newlines and tabs
   become their UTF-8 bytes (`<0x0A>`), so rare Chinese characters round trip.
 * `character_coverage=0.9995`, the value SentencePiece recommends for
-  languages with large character sets such as Chinese.
+  languages with large character sets such as Chinese, lowered when the
+  characters it would cover take more than half of the pieces left after the
+  reserved and byte pieces (Chinese text with a small vocabulary). The
+  characters left out are spelled with byte pieces.
 * `split_digits=True`, as in Llama 1 and 2: numbers are spelled digit by digit.
 """
 
+import collections
 import hashlib
 import io
 import os
@@ -249,6 +253,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
     raise ValueError(
         "No text to train the tokenizer on: every training document is empty "
         "or whitespace.")
+  character_coverage = _character_coverage(lines, vocab_size)
   writer = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -262,7 +267,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
         eos_id=EOS_ID,
         control_symbols=[MASK_PIECE, SEP_PIECE],
         byte_fallback=True,
-        character_coverage=0.9995,
+        character_coverage=character_coverage,
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
@@ -283,6 +288,48 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
                tokenizer.vocab_size, num_chars, len(lines),
                f" and saved it to {model_path}" if model_path else "")
   return tokenizer
+
+
+_DEFAULT_CHARACTER_COVERAGE = 0.9995
+_MIN_CHARACTER_COVERAGE = 0.98  # SentencePiece rejects lower values.
+
+
+def _character_coverage(lines: Sequence[str], vocab_size: int) -> float:
+  """Returns the character coverage to train with, 0.98 to 0.9995.
+
+  The default coverage is kept while its characters fit in the pieces left
+  after the reserved and byte pieces. Otherwise (Chinese text with a small
+  vocabulary) the characters get about half of those pieces, and the rarer
+  characters are spelled with byte pieces.
+  """
+  counts = collections.Counter()
+  for line in lines:
+    counts.update(line)
+  frequencies = np.sort(np.fromiter(counts.values(), np.int64))[::-1]
+  shares = np.cumsum(frequencies) / frequencies.sum()
+  available = vocab_size - NUM_RESERVED_IDS - 256
+  needed = int(np.searchsorted(shares, _DEFAULT_CHARACTER_COVERAGE)) + 1
+  if needed <= available:
+    return _DEFAULT_CHARACTER_COVERAGE
+  # Cover as many characters as half of the free pieces hold (slightly below
+  # their share, so SentencePiece's own count stays within it), and never
+  # less than SentencePiece accepts.
+  budget = max(available // 2, 2)
+  coverage = max(float(shares[budget - 2]), _MIN_CHARACTER_COVERAGE)
+  required = int(np.searchsorted(shares, coverage)) + 1
+  if required > available:
+    raise ValueError(
+        f"vocab_size={vocab_size} is too small for this text: its "
+        f"{len(frequencies)} distinct characters need {required} pieces to "
+        f"cover {100 * coverage:.0f}% of it, the least SentencePiece accepts. "
+        f"Set --config.data.vocab_size to at least "
+        f"{required + NUM_RESERVED_IDS + 256 + 256}.")
+  logging.info(
+      "The training text has %d distinct characters; vocab_size=%d covers "
+      "%.2f%% of the text with about %d character pieces and spells the rest "
+      "with byte pieces. Raise --config.data.vocab_size to cover more.",
+      len(frequencies), vocab_size, 100 * coverage, required)
+  return coverage
 
 
 def _explain_training_error(message: str, vocab_size: int) -> str:
