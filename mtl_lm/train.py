@@ -179,17 +179,24 @@ def _batch_bidirectional(batch) -> jax.Array:
   return batch["task_id"] != tasks.TASK_IDS[tasks.LM]
 
 
-def _with_gradient_taps(outputs, scale, taps, task):
-  """Returns outputs whose hidden states carry task `task`'s tap.
+def _with_gradient_taps(module, model_params, outputs, segment_ids, taps,
+                        task):
+  """Returns outputs recomputed from hidden states that carry `task`'s tap.
 
   `hidden = normed * (scale + tap)` has the value of `normed * scale` because
   every tap is zero, but the gradient w.r.t. the tap is the gradient of this
   task's loss w.r.t. the final RMSNorm scale, measured in the same backward
-  pass as everything else.
+  pass as everything else. The rtd and sop heads run again on the tapped
+  states; the lm and mlm losses read "hidden" directly.
   """
-  tapped = dict(outputs)
+  scale = model_params["final_norm"]["scale"]
   hidden = outputs["normed"] * (scale + taps[task]).astype(jnp.float32)
-  tapped["hidden"] = hidden.astype(outputs["hidden"].dtype)
+  hidden = hidden.astype(outputs["hidden"].dtype)
+  tapped = dict(outputs)
+  tapped["hidden"] = hidden
+  if task in (tasks.RTD, tasks.SOP):
+    tapped.update(module.apply({"params": model_params}, hidden, segment_ids,
+                               method=module.task_heads))
   return tapped
 
 
@@ -241,10 +248,10 @@ def compute_losses(params, batch, rng, *, module, config, task_names,
     metrics.update(task_metrics)
     return task_losses, metrics, generator_loss
 
-  scale = model_params["final_norm"]["scale"]
   task_losses = {}
   for task in task_names:
-    tapped = _with_gradient_taps(outputs, scale, taps, task)
+    tapped = _with_gradient_taps(module, model_params, outputs,
+                                 batch["segment_ids"], taps, task)
     one_loss, one_metrics = objectives.compute_objectives(
         tapped, unembedding, batch, active_tasks=(task,), **objective_kwargs)
     task_losses.update(one_loss)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mtl_lm import checkpointing
+from mtl_lm import losses
 from mtl_lm import sharding
 from mtl_lm import tasks
 from mtl_lm import train
@@ -170,13 +171,27 @@ def test_gradnorm_measures_task_gradient_norms(corpus):
   config.weighting.name = "gradnorm"
   trainer = _single_device_trainer(config)
   state = trainer.init(seed=0)
+  params = jax.device_get(state.params)
   batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB)
-  new_state, _ = trainer.step(state, batch)
 
-  norms = {task: float(value)
-           for task, value in new_state.task_grad_norms.items()}
+  # Reference: the gradient of each task's mean loss w.r.t. the final
+  # RMSNorm scale, one task at a time.
+  def task_loss(scale, task):
+    model_params = dict(params["model"], final_norm={"scale": scale})
+    sums, _, _ = train.compute_losses(
+        {**params, "model": model_params}, batch, state.rng,
+        module=trainer.module, config=config, task_names=(task,))
+    return losses.mean(sums[task])
+
+  scale = params["model"]["final_norm"]["scale"]
+  expected = {task: float(np.linalg.norm(jax.grad(task_loss)(scale, task)))
+              for task in tasks.TASK_NAMES}
+
+  new_state, _ = trainer.step(state, batch)
   for task in tasks.TASK_NAMES:
-    assert norms[task] > 0, norms
+    assert expected[task] > 0, task
+    np.testing.assert_allclose(float(new_state.task_grad_norms[task]),
+                               expected[task], rtol=1e-4, err_msg=task)
 
 
 def test_step_loss_matches_task_means(corpus):
