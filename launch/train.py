@@ -80,7 +80,6 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
     # Invalid settings or input: a one-line message, not a traceback.
     logging.debug("Traceback of the error below:", exc_info=True)
-    logging.error("%s", error)
     raise SystemExit(f"error: {error}") from None
 
 

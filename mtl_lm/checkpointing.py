@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state and the data iterator.
 
-A checkpoint directory `WORKDIR/checkpoints/<step>/` holds two items:
+A checkpoint directory `WORKDIR/checkpoints/<step>/` contains two items:
 `state` (the whole `TrainState`: parameters, optimizer state, weighting state,
 step) and `data` (the Grain iterator state, one JSON file per process), so a
 resumed run continues with exactly the batches the uninterrupted run would

@@ -41,7 +41,7 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, optimizer steps taken.
-    params: `{"model": ..., "weighting": ...}`; the second holds the trainable
+    params: `{"model": ..., "weighting": ...}`; the second contains the trainable
       parameters of the weighting strategy (empty for most strategies).
     opt_state: Optax state of `params`.
     weighting_state: state of the weighting strategy.

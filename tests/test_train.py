@@ -160,7 +160,8 @@ def test_weighting_strategy_runs_in_jitted_step(corpus, name):
   assert int(state.step) == 3
   for task in tasks.TASK_NAMES:
     weight = float(metrics[f"weight/{task}"])
-    assert math.isfinite(weight) and weight >= 0, (task, weight)
+    assert math.isfinite(weight), (task, weight)
+    assert weight >= 0, (task, weight)
   assert math.isfinite(float(metrics["loss/total"]))
   # Three steps, one compilation.
   assert trainer._step._cache_size() == 1  # pylint: disable=protected-access
