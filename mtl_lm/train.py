@@ -458,7 +458,25 @@ def _resolve_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
       os.makedirs(workdir, exist_ok=True)
       shutil.copyfile(parent, own)
       logging.info("Using the tokenizer of %s.", config.init_from)
-  return tokenizer_lib.load_or_train_tokenizer(config.data, workdir)
+  tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir)
+  if tokenizer.vocab_size != config.data.vocab_size:
+    logging.warning(
+        "The tokenizer has %d pieces but config.data.vocab_size=%d; the "
+        "model uses the tokenizer's size. Pass a new --workdir (or "
+        "config.data.tokenizer) to train one of the configured size.",
+        tokenizer.vocab_size, config.data.vocab_size)
+  return tokenizer
+
+
+def _restore_or_explain(manager, step, trainer, train_iter, workdir):
+  try:
+    return checkpointing.restore(manager, step, trainer.abstract_state,
+                                 train_iter)
+  except ValueError as error:
+    raise ValueError(
+        f"The checkpoint of step {step} in {workdir} does not fit this config "
+        f"(a changed config.model, tokenizer or weighting?): {error}. Resume "
+        "with the config that wrote it, or pass a new --workdir.") from error
 
 
 def _check_finite(step: int, summary: Mapping[str, float]) -> None:
@@ -479,12 +497,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   # Settings are checked before any data is read or anything compiled.
   validate_config(config)
+  pipeline.validate_data_config(config, process_count=jax.process_count())
+  weighting.from_config(config.weighting, active_tasks(config))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(
-        f"config.data.batch_size={config.data.batch_size} is not divisible "
-        f"by the {jax.process_count()} processes.")
   os.makedirs(workdir, exist_ok=True)
   logging.info("Training tasks %s on mesh %s.", active_tasks(config),
                dict(mesh.shape))
@@ -500,8 +516,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Resume this run, or start it, from another run's parameters if asked.
   latest = manager.latest_step()
   if latest is not None:
-    state = checkpointing.restore(manager, latest, trainer.abstract_state,
-                                  train_iter)
+    if config.init_from:
+      logging.warning(
+          "Ignoring config.init_from=%s: %s already has checkpoints, so this "
+          "run resumes from them. Pass a new --workdir to start a stage from "
+          "another run.", config.init_from, workdir)
+    state = _restore_or_explain(manager, latest, trainer, train_iter, workdir)
     logging.info("Resuming at step %d.", latest)
   else:
     state = trainer.init(config.seed)

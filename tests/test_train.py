@@ -218,6 +218,9 @@ def test_step_loss_matches_task_means(corpus):
 def test_generator_replacements_train_the_generator(corpus):
   config = train_fixtures.tiny_config(corpus)
   config.rtd.replacements = "generator"
+  # Static weights and no warmup, so the first step already moves weights.
+  config.weighting.name = "static"
+  config.optimizer.warmup_steps = 0
   trainer = _single_device_trainer(config)
   state = trainer.init(seed=0)
   assert "generator" in state.params["model"]

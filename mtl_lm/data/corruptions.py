@@ -577,7 +577,9 @@ def sop_windows(sentence_ends: np.ndarray, *, seq_len: int,
 
 
 def sop_example(ids: np.ndarray, segment_bounds: np.ndarray,
-                rng: np.random.Generator) -> dict[str, np.ndarray]:
+                rng: np.random.Generator, *,
+                is_whitespace: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
   """Builds one sentence-order example from k consecutive segments.
 
   Args:
@@ -585,10 +587,16 @@ def sop_example(ids: np.ndarray, segment_bounds: np.ndarray,
     segment_bounds: int [k + 1], offsets in `ids` where the segments start and
       end (a window from `sop_windows`).
     rng: generator for this example.
+    is_whitespace: bool [vocab], True for pieces made only of whitespace.
+      Such tokens at the start of a segment are dropped, because only
+      segments that followed other text begin with whitespace, which would
+      give the order away.
 
   Returns:
     A dict with
-      input_ids, original_ids: the same int32 [l], l = segment tokens + k + 1.
+      input_ids: int32 [l], l = segment tokens + k + 1, the segments in
+        permuted order.
+      original_ids: int32 [l], the same segments in document order.
       targets, loss_weights: zeros, int32 and float32 [l].
       sop_permutation: int32 [k], for each segment in input order its index
         in the document.
@@ -598,21 +606,37 @@ def sop_example(ids: np.ndarray, segment_bounds: np.ndarray,
   """
   num_segments = len(segment_bounds) - 1
   permutation = rng.permutation(num_segments)
-  parts = [np.asarray([BOS_ID], np.int32)]
+  segments = []
+  for segment in range(num_segments):
+    text = np.asarray(ids[segment_bounds[segment]:segment_bounds[segment + 1]],
+                      np.int32)
+    if is_whitespace is not None:
+      flags = is_whitespace[text]
+      # The index of the first non-whitespace token; an all-whitespace
+      # segment keeps its last token so that it never becomes empty.
+      leading = len(text) - 1 if flags.all() else int(np.argmin(flags))
+      text = text[leading:]
+    segments.append(text)
+
+  def join(order):
+    parts = [np.asarray([BOS_ID], np.int32)]
+    for position, segment in enumerate(order):
+      parts.append(segments[segment])
+      parts.append(np.asarray(
+          [SEP_ID if position < num_segments - 1 else EOS_ID], np.int32))
+    return np.concatenate(parts)
+
+  tokens = join(permutation)
   spans = np.zeros((num_segments, 2), np.int32)
   offset = 1
   for position, segment in enumerate(permutation):
-    text = np.asarray(ids[segment_bounds[segment]:segment_bounds[segment + 1]],
-                      np.int32)
-    spans[position] = (offset, offset + len(text))
-    offset += len(text) + 1
-    parts.append(text)
-    parts.append(np.asarray(
-        [SEP_ID if position < num_segments - 1 else EOS_ID], np.int32))
-  tokens = np.concatenate(parts)
+    spans[position] = (offset, offset + len(segments[segment]))
+    offset += len(segments[segment]) + 1
   return {
       "input_ids": tokens,
-      "original_ids": tokens,
+      # The same segments in document order: undoing the permutation on
+      # input_ids gives original_ids.
+      "original_ids": join(range(num_segments)),
       "targets": np.zeros_like(tokens),
       "loss_weights": np.zeros(len(tokens), np.float32),
       "sop_permutation": permutation.astype(np.int32),

@@ -297,9 +297,11 @@ class _EncoderExamples(grain.transforms.RandomMap):
 class _SopExamples(grain.transforms.RandomMap):
   """Document -> list of sentence-order examples, one per window."""
 
-  def __init__(self, *, seq_len: int, num_segments: int):
+  def __init__(self, *, seq_len: int, num_segments: int,
+               is_whitespace: np.ndarray):
     self._seq_len = seq_len
     self._num_segments = num_segments
+    self._is_whitespace = is_whitespace
 
   def random_map(self, document, rng):
     if len(document["sentence_ends"]) < self._num_segments:
@@ -309,7 +311,8 @@ class _SopExamples(grain.transforms.RandomMap):
         num_segments=self._num_segments)
     examples = []
     for window in windows:
-      example = corruptions.sop_example(document["ids"], window, rng)
+      example = corruptions.sop_example(document["ids"], window, rng,
+                                        is_whitespace=self._is_whitespace)
       example["source"] = document["source"]
       examples.append(example)
     return examples
@@ -378,6 +381,20 @@ def _word_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
   return corruptions.word_boundary_tables(pieces)
 
 
+_WHITESPACE_PIECES = frozenset(
+    ["<0x09>", "<0x0A>", "<0x0B>", "<0x0C>", "<0x0D>", "<0x20>"])
+
+
+def _whitespace_table(tokenizer) -> np.ndarray:
+  """Returns bool [vocab], True for pieces that are only whitespace."""
+  table = np.zeros(tokenizer.vocab_size, bool)
+  for token_id in range(tokenizer_lib.NUM_RESERVED_IDS, tokenizer.vocab_size):
+    piece = tokenizer.id_to_piece(token_id)
+    table[token_id] = piece in _WHITESPACE_PIECES or (
+        piece != "" and not piece.replace("\u2581", " ").strip())
+  return table
+
+
 def _example_transforms(config, tokenizer, documents, *,
                         active_tasks: Sequence[str],
                         process_count: int) -> dict[str, Any]:
@@ -413,7 +430,8 @@ def _example_transforms(config, tokenizer, documents, *,
                                           corrupt=corrupt)
     elif task == tasks.SOP:
       transforms[task] = _SopExamples(seq_len=data.seq_len,
-                                      num_segments=data.sop_num_segments)
+                                      num_segments=data.sop_num_segments,
+                                      is_whitespace=_whitespace_table(tokenizer))
   return transforms
 
 

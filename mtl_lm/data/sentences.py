@@ -174,7 +174,13 @@ def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
   ids = []
   sentence_ends = []
   for sentence in split_sentences(text):
-    sentence_ids = tokenizer.encode(sentence)
+    # The whitespace before a sentence is encoded on its own, so it never
+    # merges into the first word's piece; sentence-order examples can then
+    # drop it, and no segment's first token reveals that text preceded it.
+    body = sentence.lstrip()
+    leading = sentence[:len(sentence) - len(body)]
+    sentence_ids = tokenizer.encode(leading) if leading else []
+    sentence_ids = sentence_ids + tokenizer.encode(body)
     if sentence_ids:
       ids.extend(sentence_ids)
       sentence_ends.append(len(ids))
