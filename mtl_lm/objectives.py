@@ -31,23 +31,60 @@ def token_weights(batch: Batch, task: str) -> jax.Array:
   return batch["loss_weights"] * task_rows(batch, task)[:, None]
 
 
-def lm_objective(outputs: Outputs, unembedding: jax.Array, batch: Batch, *,
-                 label_smoothing: float, z_loss: float, chunk_size: int):
-  """Next-token cross-entropy with label smoothing and z-loss."""
-  loss, accuracy = losses.fused_masked_lm_loss(
-      outputs["hidden"], unembedding, batch["targets"],
-      token_weights(batch, tasks.LM), label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size)
-  return loss, {"accuracy": accuracy}
+def _label_smoothing_term(hidden: jax.Array, unembedding: jax.Array,
+                          labels: jax.Array) -> jax.Array:
+  """Returns `logits[label] - mean(logits)` per position, in float32.
+
+  With `x = hidden @ unembedding`, the label-smoothed cross-entropy is the
+  plain one plus `eps * (x[label] - mean(x))`, and both terms need only a
+  gather of the label columns and the mean column of the unembedding, so
+  the smoothing costs no second pass over the vocabulary.
+  """
+  hidden = hidden.astype(jnp.float32)
+  unembedding = unembedding.astype(jnp.float32)
+  label_columns = jnp.take(unembedding, labels, axis=1)  # [embed, b, l]
+  label_logit = jnp.einsum("ble,ebl->bl", hidden, label_columns)
+  mean_logit = hidden @ jnp.mean(unembedding, axis=1)  # [b, l]
+  return label_logit - mean_logit
 
 
-def mlm_objective(outputs: Outputs, unembedding: jax.Array, batch: Batch, *,
-                  z_loss: float, chunk_size: int):
-  """Cross-entropy of the original tokens at the selected positions."""
-  loss, accuracy = losses.fused_masked_lm_loss(
-      outputs["hidden"], unembedding, batch["targets"],
-      token_weights(batch, tasks.MLM), z_loss=z_loss, chunk_size=chunk_size)
-  return loss, {"accuracy": accuracy}
+def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
+                     *, active_tasks: tuple[str, ...], label_smoothing: float,
+                     z_loss: float, chunk_size: int):
+  """Next-token (lm) and masked-token (mlm) cross-entropy in one pass.
+
+  lm and mlm rows are scored by one fused cross-entropy over the vocabulary;
+  label smoothing is then added on the lm positions alone (see
+  `_label_smoothing_term`). Hidden states and labels of positions outside
+  both tasks are zeroed first, so they reach neither value nor gradient.
+
+  Returns:
+    `(task_losses, task_metrics)` for the token tasks among `active_tasks`:
+    a `WeightedSum` per task and `{task: {"accuracy": WeightedSum}}`.
+  """
+  token_tasks = [task for task in (tasks.LM, tasks.MLM)
+                 if task in active_tasks]
+  if not token_tasks:
+    return {}, {}
+  weights = {task: token_weights(batch, task) for task in token_tasks}
+  selected = sum(weights.values()) != 0  # [batch, length]
+  hidden = jnp.where(selected[..., None], outputs["hidden"],
+                     jnp.zeros((), outputs["hidden"].dtype))
+  labels = jnp.where(selected, batch["targets"], 0)
+  per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
+      hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size)
+
+  task_losses = {}
+  task_metrics = {}
+  for task in token_tasks:
+    task_loss = per_position
+    if task == tasks.LM and label_smoothing:
+      task_loss = per_position + label_smoothing * _label_smoothing_term(
+          hidden, unembedding, labels)
+    task_losses[task] = losses.weighted_sum(task_loss, weights[task])
+    task_metrics[task] = {
+        "accuracy": losses.accuracy(predictions, labels, weights[task])}
+  return task_losses, task_metrics
 
 
 def rtd_objective(outputs: Outputs, batch: Batch):
@@ -174,24 +211,18 @@ def compute_objectives(
     `(task_losses, metrics)`: a `WeightedSum` per task, and a dict
     `{f"{metric}/{task}": WeightedSum}`.
   """
-  task_losses = {}
-  metrics = {}
+  task_losses, task_metrics = token_objectives(
+      outputs, unembedding, batch, active_tasks=active_tasks,
+      label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size)
   for task in active_tasks:
-    if task == tasks.LM:
-      loss, task_metrics = lm_objective(
-          outputs, unembedding, batch, label_smoothing=label_smoothing,
-          z_loss=z_loss, chunk_size=chunk_size)
-    elif task == tasks.MLM:
-      loss, task_metrics = mlm_objective(
-          outputs, unembedding, batch, z_loss=z_loss, chunk_size=chunk_size)
-    elif task == tasks.RTD:
-      loss, task_metrics = rtd_objective(outputs, batch)
+    if task == tasks.RTD:
+      task_losses[task], task_metrics[task] = rtd_objective(outputs, batch)
     elif task == tasks.SOP:
-      loss, task_metrics = sop_objective(outputs, batch)
-    else:
+      task_losses[task], task_metrics[task] = sop_objective(outputs, batch)
+    elif task not in (tasks.LM, tasks.MLM):
       raise ValueError(f"Unknown task {task!r}; expected one of "
                        f"{tasks.TASK_NAMES}.")
-    task_losses[task] = loss
-    for name, value in task_metrics.items():
-      metrics[f"{name}/{task}"] = value
+  metrics = {f"{name}/{task}": value
+             for task, named in task_metrics.items()
+             for name, value in named.items()}
   return task_losses, metrics

@@ -12,6 +12,8 @@ import pytest
 
 from mtl_lm import checkpointing
 from mtl_lm import losses
+from mtl_lm import model as model_lib
+from mtl_lm import objectives
 from mtl_lm import sharding
 from mtl_lm import tasks
 from mtl_lm import train
@@ -249,3 +251,32 @@ def test_lm_loss_falls_on_small_corpus(corpus, tmp_path):
   records = _read_metrics(workdir)
   first, last = records[0]["loss/lm"], records[-1]["loss/lm"]
   assert last < 0.8 * first, (first, last)
+
+
+def test_token_objectives_match_plain_cross_entropy(corpus):
+  # One fused pass for lm and mlm plus the smoothing term equals the plain
+  # cross-entropy on full logits, smoothed on lm rows only.
+  config = train_fixtures.tiny_config(corpus)
+  trainer = _single_device_trainer(config)
+  state = trainer.init(seed=0)
+  params = jax.device_get(state.params["model"])
+  batch = train_fixtures.synthetic_batch(config, vocab_size=_VOCAB)
+  outputs = trainer.module.apply(
+      {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
+      positions=batch["positions"],
+      bidirectional=batch["task_id"] != tasks.TASK_IDS[tasks.LM])
+  unembedding = model_lib.unembedding_matrix(params, trainer.module.config)
+  task_losses, _ = objectives.token_objectives(
+      outputs, unembedding, batch, active_tasks=tasks.TASK_NAMES,
+      label_smoothing=0.1, z_loss=1e-4, chunk_size=128)
+
+  logits = np.asarray(outputs["hidden"], np.float64) @ np.asarray(
+      unembedding, np.float64)
+  for task, smoothing in ((tasks.LM, 0.1), (tasks.MLM, 0.0)):
+    plain = losses.token_cross_entropy(
+        logits.astype(np.float32), batch["targets"],
+        label_smoothing=smoothing, z_loss=1e-4)
+    weights = objectives.token_weights(batch, task)
+    expected = float(np.sum(np.asarray(plain) * weights) / np.sum(weights))
+    np.testing.assert_allclose(float(losses.mean(task_losses[task])),
+                               expected, rtol=1e-5, err_msg=task)
