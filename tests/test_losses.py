@@ -749,6 +749,8 @@ def test_fused_ce_benchmark_reports_ratios():
                                    result["fused_seconds"])
   assert len(result["plain_seconds_all"]) == 2
   assert len(result["paired_speed_ratios"]) == 2
+  assert len(result["fused_cpu_seconds_all"]) == 2
+  assert result["cpu_speed_ratio"] > 0
   assert result["max_abs_loss_difference"] < 1e-5
   assert result["max_abs_hidden_grad_difference"] < 1e-6
   assert result["max_abs_unembedding_grad_difference"] < 1e-6

@@ -8,7 +8,10 @@ states and the unembedding, jitted:
 
 Memory is XLA's `temp_size_in_bytes` of each compiled function (buffers other
 than arguments and outputs). Time is the median wall time of a few warm calls,
-plain and fused alternating so that both see the same machine load.
+plain and fused alternating so that both run under similar machine load. The
+process CPU time of the same calls (all threads) is recorded too. On a
+machine shared with other jobs it varied less between repetitions than wall
+time did.
 
   python launch/benchmark.py --suite=fused_ce
 """
@@ -37,10 +40,12 @@ def _make_inputs(*, vocab: int, embed: int, tokens: int, dtype: Any,
   return hidden, unembedding, labels
 
 
-def _time_call(function: Callable[..., Any], *args) -> float:
-  start = time.perf_counter()
+def _time_call(function: Callable[..., Any], *args) -> tuple[float, float]:
+  """Returns the wall and process CPU seconds of one call."""
+  wall_start = time.perf_counter()
+  cpu_start = time.process_time()
   jax.block_until_ready(function(*args))
-  return time.perf_counter() - start
+  return time.perf_counter() - wall_start, time.process_time() - cpu_start
 
 
 def _max_abs_difference(first: jax.Array, second: jax.Array) -> float:
@@ -72,9 +77,10 @@ def run(vocab: int = 128256, embed: int = 2048, tokens: int = 8192, *,
 
   Returns:
     Dict with "ratio" (plain / fused temporary bytes) and "speed_ratio"
-    (plain / fused median seconds, above 1 when fused is faster). It also
+    (plain / fused median wall seconds, above 1 when fused is faster). It also
     contains the raw bytes and seconds, the plain / fused ratio of each
-    repetition, and the largest absolute differences between the two
+    repetition, the same ratio of median process CPU seconds
+    ("cpu_speed_ratio"), and the largest absolute differences between the two
     candidates' loss and gradients.
   """
   if repetitions < 1:
@@ -112,19 +118,22 @@ def run(vocab: int = 128256, embed: int = 2048, tokens: int = 8192, *,
   del plain_grads, fused_grads
 
   seconds = {"plain": [], "fused": []}
+  cpu_seconds = {"plain": [], "fused": []}
   for repetition in range(repetitions):
     # Alternate which candidate goes first, so neither always runs on a
     # machine just warmed (or slowed) by the other.
     order = ("plain", "fused") if repetition % 2 == 0 else ("fused", "plain")
     for name in order:
-      seconds[name].append(_time_call(compiled[name], hidden, unembedding))
-      logging.info("Repetition %d, %s: %.3f s.", repetition, name,
-                   seconds[name][-1])
+      wall, cpu = _time_call(compiled[name], hidden, unembedding)
+      seconds[name].append(wall)
+      cpu_seconds[name].append(cpu)
+      logging.info("Repetition %d, %s: %.3f s wall, %.3f s CPU.", repetition,
+                   name, wall, cpu)
   median_seconds = {name: statistics.median(times)
                     for name, times in seconds.items()}
-  # Each repetition's plain / fused ratio. On a shared machine these vary
-  # less than the ratio of medians, because both calls of a repetition run
-  # under about the same load.
+  median_cpu_seconds = {name: statistics.median(times)
+                        for name, times in cpu_seconds.items()}
+  # Each repetition's plain / fused ratio, from two calls run back to back.
   paired_speed_ratios = [plain / fused for plain, fused in
                          zip(seconds["plain"], seconds["fused"])]
 
@@ -138,6 +147,10 @@ def run(vocab: int = 128256, embed: int = 2048, tokens: int = 8192, *,
       "plain_seconds_all": seconds["plain"],
       "fused_seconds_all": seconds["fused"],
       "paired_speed_ratios": paired_speed_ratios,
+      "cpu_speed_ratio": (median_cpu_seconds["plain"] /
+                          median_cpu_seconds["fused"]),
+      "plain_cpu_seconds_all": cpu_seconds["plain"],
+      "fused_cpu_seconds_all": cpu_seconds["fused"],
       "loss": float(plain_loss_value),
       "max_abs_loss_difference": loss_difference,
       "max_abs_hidden_grad_difference": hidden_grad_difference,
