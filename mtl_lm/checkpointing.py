@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state and the data iterator.
 
-A checkpoint directory `WORKDIR/checkpoints/<step>/` contains two items:
-`state` (the whole `TrainState`: parameters, optimizer state, weighting state,
-step) and `data` (the Grain iterator state, one JSON file per process), so a
-resumed run continues with exactly the batches the uninterrupted run would
-have read.
+A checkpoint directory `WORKDIR/checkpoints/<step>/` contains two items.
+`state` is the whole `TrainState`: parameters, optimizer state, weighting
+state and step. `data` is the Grain iterator state, one JSON file per
+process. A resumed run therefore reads exactly the batches that the
+uninterrupted run would have read.
 """
 
 import os

@@ -26,10 +26,11 @@ Training choices, fixed for every model that `train_tokenizer` writes:
 * `byte_fallback=True`: characters outside the vocabulary, newlines and tabs
   become their UTF-8 bytes (`<0x0A>`), so rare Chinese characters round trip.
 * `character_coverage=0.9995`, the value SentencePiece recommends for
-  languages with large character sets such as Chinese, lowered when the
-  characters it would cover take more than half of the pieces left after the
-  reserved and byte pieces (Chinese text with a small vocabulary). The
-  characters left out are spelled with byte pieces.
+  languages with large character sets such as Chinese. When the characters
+  it covers do not fit in the pieces left after the reserved and byte pieces
+  (Chinese text with a small vocabulary), the coverage is lowered, at most
+  to SentencePiece's minimum of 0.98. The characters left out are spelled
+  with byte pieces.
 * `split_digits=True`, as in Llama 1 and 2: numbers are spelled digit by digit.
 """
 

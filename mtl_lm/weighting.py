@@ -646,8 +646,8 @@ def gradnorm(*, alpha: float = 1.5,
   gradient norm per task in the train step.
 
   Args:
-    alpha: Restoring force towards equal training rates; 0 asks for equal
-      gradient norms.
+    alpha: Restoring force towards equal training rates. With 0, the target
+      is equal gradient norms.
     learning_rate: Adam learning rate of the weights.
 
   Returns:

@@ -8,9 +8,9 @@ is timed separately and excluded from the rates.
 
 In the same run, in alternating rounds with the pipeline, it times the
 compiled stage-2 train step of the default model on this machine. The
-headline `ratio` is the pipeline's tokens per second over the tokens per
-second the train step consumes (batch positions, padding included, for
-both); the goal is at least 10.
+headline `ratio` is the pipeline's tokens per second divided by the tokens
+per second the train step consumes. Both count batch positions, padding
+included. The goal is a ratio of at least 10.
 """
 
 import collections

@@ -19,7 +19,7 @@ Stages, per process:
    on its own, padded, because the sop head pools over the row.
 5. Each task's rows are batched to its exact share of the per-process batch
    (largest-remainder rounding of the rates), and the task batches are zipped
-   and concatenated, so every batch holds the same number of rows per task.
+   and concatenated, so every batch contains the same number of rows per task.
 
 All randomness (shuffles, corruptions, packing order) derives from
 `config.data.shuffle_seed`. The iterator state is a small JSON-able dict

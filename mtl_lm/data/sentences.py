@@ -175,8 +175,8 @@ def tokenize_document(tokenizer, text: str) -> dict[str, np.ndarray]:
   sentence_ends = []
   for sentence in split_sentences(text):
     # The whitespace before a sentence is encoded on its own, so it never
-    # merges into the first word's piece; sentence-order examples can then
-    # drop it, and no segment's first token reveals that text preceded it.
+    # merges into the first word's piece. Sentence-order examples drop it,
+    # because it would show which segments followed other text.
     body = sentence.lstrip()
     leading = sentence[:len(sentence) - len(body)]
     sentence_ids = tokenizer.encode(leading) if leading else []
