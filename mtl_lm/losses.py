@@ -339,15 +339,88 @@ def _vocab_blocks(vocab_size: int, chunk_size: int) -> tuple[int, int, int]:
   return width, num_full, vocab_size - num_full * width
 
 
+def _vocab_shard(unembedding: jax.Array,
+                 axis_name: str | None) -> tuple[Any, int]:
+  """Returns (first column id of the local shard, whole vocabulary size).
+
+  Without `axis_name` the shard is the whole `[embed, vocab]` matrix. With
+  it, device `i` of that mesh axis has columns `[i * n, (i + 1) * n)` of
+  the vocabulary, `n = unembedding.shape[1]`.
+  """
+  local_vocab = unembedding.shape[1]
+  if axis_name is None:
+    return 0, local_vocab
+  offset = jax.lax.axis_index(axis_name) * local_vocab
+  return offset, local_vocab * jax.lax.axis_size(axis_name)
+
+
+def _varying_axes(array: jax.Array) -> set[Any]:
+  """Returns the `shard_map` mesh axes over which `array` varies."""
+  aval = jax.typeof(array)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  if axis_type is not None:
+    return set(axis_type.varying)
+  return set(getattr(aval, "vma", ()))  # JAX releases before 0.10
+
+
+def _varying_like(tree: Any, *arrays: jax.Array) -> Any:
+  """Marks a loop's initial carry as varying wherever `arrays` vary.
+
+  Inside `jax.shard_map`, a loop carry must vary over the same mesh axes on
+  entry as after one iteration. Outside it nothing varies and `tree` comes
+  back unchanged.
+  """
+  axes = set()
+  for array in arrays:
+    axes |= _varying_axes(array)
+
+  def cast(leaf):
+    missing = tuple(axes - _varying_axes(leaf))
+    return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+  return jax.tree.map(cast, tree) if axes else tree
+
+
+def _sum_like(gradient: jax.Array, primal: jax.Array) -> jax.Array:
+  """Sums `gradient` over the `shard_map` axes along which `primal` is fixed."""
+  extra = tuple(_varying_axes(gradient) - _varying_axes(primal))
+  return jax.lax.psum(gradient, extra) if extra else gradient
+
+
+def _combine_shards(stats: _RunningStats, offset: Any,
+                    axis_name: str | None) -> _RunningStats:
+  """Merges the per-shard statistics of a vocabulary split over devices.
+
+  Only `[tokens]` vectors cross devices. The argmax becomes a global id;
+  ties between shards go to the lowest id, as in `jnp.argmax`.
+  """
+  argmax = stats.argmax + offset
+  if axis_name is None:
+    return stats._replace(argmax=argmax)
+  max_logit = jax.lax.pmax(stats.max_logit, axis_name)
+  sum_exp = jax.lax.psum(stats.sum_exp * jnp.exp(stats.max_logit - max_logit),
+                         axis_name)
+  candidate = jnp.where(stats.max_logit == max_logit, argmax,
+                        jnp.iinfo(jnp.int32).max)
+  return _RunningStats(
+      max_logit=max_logit, sum_exp=sum_exp,
+      label_logit=jax.lax.psum(stats.label_logit, axis_name),
+      logit_sum=jax.lax.psum(stats.logit_sum, axis_name),
+      argmax=jax.lax.pmin(candidate, axis_name))
+
+
 def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
                    labels: jax.Array, *, label_smoothing: float, z_loss: float,
-                   chunk_size: int, with_argmax: bool):
+                   chunk_size: int, with_argmax: bool,
+                   axis_name: str | None):
   """Returns float32 loss `[tokens]`, argmax `[tokens]` and lse `[tokens]`."""
   num_tokens = hidden.shape[0]
-  vocab_size = unembedding.shape[1]
+  offset, vocab_size = _vocab_shard(unembedding, axis_name)
   dtype = _accumulation_dtype(hidden.dtype)
-  width, num_full, remainder = _vocab_blocks(vocab_size, chunk_size)
-  update = functools.partial(_update_stats, labels=labels,
+  width, num_full, remainder = _vocab_blocks(unembedding.shape[1], chunk_size)
+  # Block statistics use ids local to this shard; argmax ids get the offset
+  # back in `_combine_shards`.
+  update = functools.partial(_update_stats, labels=labels - offset,
                              label_smoothing=label_smoothing,
                              with_argmax=with_argmax)
 
@@ -364,12 +437,14 @@ def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
       label_logit=jnp.zeros((num_tokens,), dtype),
       logit_sum=jnp.zeros((num_tokens,), dtype),
       argmax=jnp.zeros((num_tokens,), jnp.int32))
-  stats = jax.lax.fori_loop(0, num_full, full_block, stats)
+  stats = jax.lax.fori_loop(0, num_full, full_block,
+                            _varying_like(stats, hidden, unembedding, labels))
   if remainder:
     start = num_full * width
     stats = update(stats,
                    _block_logits(hidden, unembedding, start, remainder),
                    start=start)
+  stats = _combine_shards(stats, offset, axis_name)
 
   log_normalizer = stats.max_logit + jnp.log(stats.sum_exp)
   loss = _smoothed_cross_entropy(log_normalizer, stats.label_logit,
@@ -381,39 +456,44 @@ def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
   return loss, stats.argmax, log_normalizer
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _fused_cross_entropy(hidden, unembedding, labels, label_smoothing, z_loss,
-                         chunk_size, with_argmax):
+                         chunk_size, with_argmax, axis_name):
   loss, argmax, _ = _fused_forward(
       hidden, unembedding, labels, label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax)
+      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax,
+      axis_name=axis_name)
   return (loss, argmax) if with_argmax else loss
 
 
 def _fused_cross_entropy_fwd(hidden, unembedding, labels, label_smoothing,
-                             z_loss, chunk_size, with_argmax):
+                             z_loss, chunk_size, with_argmax, axis_name):
   loss, argmax, log_normalizer = _fused_forward(
       hidden, unembedding, labels, label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax)
+      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax,
+      axis_name=axis_name)
   outputs = (loss, argmax) if with_argmax else loss
   return outputs, (hidden, unembedding, labels, log_normalizer)
 
 
 def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
-                             residuals, cotangents):
+                             axis_name, residuals, cotangents):
   """Recomputes each block of logits and accumulates both gradients.
 
   d loss / d logit_j = p_j * (1 + 2 z lse) - (1 - eps) [j == label] - eps / V,
   with p = softmax(logits). Every term is finite for finite inputs and is
   multiplied by the position's cotangent, so a zero cotangent gives exactly
-  zero gradient.
+  zero gradient. With a vocabulary split over `axis_name`, each device
+  writes the gradient of its own columns, and the partial `d hidden` of the
+  devices is summed once at the end.
   """
   hidden, unembedding, labels, log_normalizer = residuals
   loss_cotangent = cotangents[0] if with_argmax else cotangents
   dtype = _accumulation_dtype(hidden.dtype)
   loss_cotangent = loss_cotangent.astype(dtype)  # [tokens]
-  vocab_size = unembedding.shape[1]
-  width, num_full, remainder = _vocab_blocks(vocab_size, chunk_size)
+  offset, vocab_size = _vocab_shard(unembedding, axis_name)
+  labels = labels - offset  # ids local to this shard
+  width, num_full, remainder = _vocab_blocks(unembedding.shape[1], chunk_size)
 
   softmax_scale = (loss_cotangent *
                    (1.0 + 2.0 * z_loss * log_normalizer))[:, None]
@@ -449,11 +529,17 @@ def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
 
   grads = (jnp.zeros(hidden.shape, dtype),
            jnp.zeros(unembedding.shape, unembedding.dtype))
-  grads = jax.lax.fori_loop(0, num_full, full_block, grads)
+  grads = jax.lax.fori_loop(
+      0, num_full, full_block,
+      _varying_like(grads, hidden, unembedding, labels, loss_cotangent))
   if remainder:
     grads = block_gradients(num_full * width, remainder, grads)
-  hidden_grad, unembedding_grad = grads
-  return hidden_grad.astype(hidden.dtype), unembedding_grad, None
+  # Inside shard_map, a gradient that varies over mesh axes its input does
+  # not vary over (d hidden over the vocabulary axis, d unembedding over the
+  # batch axes) is summed over them, once.
+  hidden_grad = _sum_like(grads[0], hidden).astype(hidden.dtype)
+  unembedding_grad = _sum_like(grads[1], unembedding)
+  return hidden_grad, unembedding_grad, None
 
 
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
@@ -484,7 +570,7 @@ def _check_fused_inputs(hidden: jax.Array, unembedding: jax.Array,
 
 
 def _fused_cross_entropy_nd(hidden, unembedding, labels, *, label_smoothing,
-                            z_loss, chunk_size, with_argmax):
+                            z_loss, chunk_size, with_argmax, vocab_axis_name):
   """Flattens `[..., embed]` to tokens, runs the fused loss, restores shapes."""
   hidden = jnp.asarray(hidden)
   unembedding = jnp.asarray(unembedding)
@@ -503,14 +589,15 @@ def _fused_cross_entropy_nd(hidden, unembedding, labels, *, label_smoothing,
   labels = labels.reshape(-1)  # [...] -> [tokens]
   outputs = _fused_cross_entropy(hidden, unembedding, labels,
                                  float(label_smoothing), float(z_loss),
-                                 chunk_size, with_argmax)
+                                 chunk_size, with_argmax, vocab_axis_name)
   return jax.tree.map(lambda out: out.reshape(batch_shape), outputs)
 
 
 def fused_token_cross_entropy(
     hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, *,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_axis_name: str | None = None) -> jax.Array:
   """Computes `token_cross_entropy(hidden @ unembedding, labels)` blockwise.
 
   The `[tokens, vocab]` logits never exist at once, in the forward or the
@@ -524,9 +611,14 @@ def fused_token_cross_entropy(
   Block logits are accumulated in float32 (`preferred_element_type`), so with
   bfloat16 inputs this is more precise than materialising bfloat16 logits.
 
-  NOTE: only unsharded inputs have been run. If the vocabulary axis of
-  `unembedding` is sharded across devices, the blockwise slicing may make XLA
-  gather the whole matrix on every device.
+  Vocabulary (tensor) parallelism: under plain `jax.jit`, a `unembedding`
+  whose vocabulary axis is sharded gives the right values, but XLA gathers
+  the whole matrix onto every device to slice its blocks. To keep each
+  device on its own columns, call this inside `jax.shard_map` with the
+  unembedding split as `P(None, name)` and `hidden` and `labels` the same on
+  every device of mesh axis `name`, and pass `vocab_axis_name=name`. Then
+  only `[tokens]` statistics and the `[tokens, embed]` hidden gradient cross
+  devices (see docs/losses.md).
 
   Args:
     hidden: `[..., embed]` any float dtype, e.g. the final-normed hidden states
@@ -536,6 +628,12 @@ def fused_token_cross_entropy(
     label_smoothing: see `token_cross_entropy`.
     z_loss: see `token_cross_entropy`.
     chunk_size: vocabulary columns per block. `vocab` need not be a multiple.
+    vocab_axis_name: inside `jax.shard_map`, the mesh axis that splits the
+      vocabulary over `n` devices. `unembedding` is then this device's
+      `[embed, vocab / n]` shard, device `i` having columns `[i * vocab / n,
+      (i + 1) * vocab / n)`, and `labels` and the returned values use
+      whole-vocabulary ids. None (the default) means `unembedding` has every
+      column.
 
   Returns:
     `[...]` float32 loss per position. Gradients come back in the dtypes of
@@ -546,17 +644,20 @@ def fused_token_cross_entropy(
   return _fused_cross_entropy_nd(hidden, unembedding, labels,
                                  label_smoothing=label_smoothing,
                                  z_loss=z_loss, chunk_size=chunk_size,
-                                 with_argmax=False)
+                                 with_argmax=False,
+                                 vocab_axis_name=vocab_axis_name)
 
 
 def fused_token_cross_entropy_with_argmax(
     hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, *,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Runs `fused_token_cross_entropy` and also returns the argmax of the logits.
 
   The argmax is found block by block in the same forward pass, so token
-  accuracy costs no second pass over the vocabulary.
+  accuracy costs no second pass over the vocabulary. Arguments are those of
+  `fused_token_cross_entropy`.
 
   Returns:
     `(loss, predictions)`: float32 `[...]` loss as `fused_token_cross_entropy`
@@ -566,13 +667,15 @@ def fused_token_cross_entropy_with_argmax(
   return _fused_cross_entropy_nd(hidden, unembedding, labels,
                                  label_smoothing=label_smoothing,
                                  z_loss=z_loss, chunk_size=chunk_size,
-                                 with_argmax=True)
+                                 with_argmax=True,
+                                 vocab_axis_name=vocab_axis_name)
 
 
 def fused_masked_lm_loss(
     hidden: jax.Array, unembedding: jax.Array, labels: jax.Array,
     weights: jax.Array, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[WeightedSum, WeightedSum]:
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_axis_name: str | None = None) -> tuple[WeightedSum, WeightedSum]:
   """Computes `masked_lm_loss(hidden @ unembedding, ...)` without the logits.
 
   Hidden states and labels of positions with weight 0 are replaced by zeros
@@ -587,6 +690,7 @@ def fused_masked_lm_loss(
     label_smoothing: see `token_cross_entropy`.
     z_loss: see `token_cross_entropy`.
     chunk_size: see `fused_token_cross_entropy`.
+    vocab_axis_name: see `fused_token_cross_entropy`.
 
   Returns:
     `(loss, accuracy)` `WeightedSum`s, as `masked_lm_loss` returns them.
@@ -602,7 +706,7 @@ def fused_masked_lm_loss(
   labels = jnp.where(selected, labels, 0)
   per_position, predictions = fused_token_cross_entropy_with_argmax(
       hidden, unembedding, labels, label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size)
+      z_loss=z_loss, chunk_size=chunk_size, vocab_axis_name=vocab_axis_name)
   return (weighted_sum(per_position, weights),
           accuracy(predictions, labels, weights))
 

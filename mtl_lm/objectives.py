@@ -8,12 +8,15 @@ Every task is normalised by its own count: predicted tokens for `lm`, masked
 positions for `mlm`, real tokens for `rtd` and examples for `sop`.
 """
 
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mtl_lm import losses
+from mtl_lm import sharding
 from mtl_lm import tasks
 from mtl_lm import tokenizer
 
@@ -32,20 +35,56 @@ def token_weights(batch: Batch, task: str) -> jax.Array:
 
 
 def _label_smoothing_term(hidden: jax.Array, unembedding: jax.Array,
-                          labels: jax.Array) -> jax.Array:
+                          labels: jax.Array,
+                          vocab_axis_name: str | None) -> jax.Array:
   """Returns `logits[label] - mean(logits)` per position, in float32.
 
   With `x = hidden @ unembedding`, the label-smoothed cross-entropy is the
   plain one plus `eps * (x[label] - mean(x))`, and both terms need only a
   gather of the label columns and the mean column of the unembedding, so
-  the smoothing costs no second pass over the vocabulary.
+  the smoothing costs no second pass over the vocabulary. With
+  `vocab_axis_name`, `unembedding` is this device's shard of the columns
+  and the partial terms are summed over that axis.
   """
   hidden = hidden.astype(jnp.float32)
   unembedding = unembedding.astype(jnp.float32)
-  label_columns = jnp.take(unembedding, labels, axis=1)  # [embed, b, l]
-  label_logit = jnp.einsum("ble,ebl->bl", hidden, label_columns)
-  mean_logit = hidden @ jnp.mean(unembedding, axis=1)  # [b, l]
-  return label_logit - mean_logit
+  local_vocab = unembedding.shape[1]
+  offset, vocab = 0, local_vocab
+  if vocab_axis_name is not None:
+    offset = jax.lax.axis_index(vocab_axis_name) * local_vocab
+    vocab = local_vocab * jax.lax.axis_size(vocab_axis_name)
+  local_labels = labels - offset
+  in_shard = (local_labels >= 0) & (local_labels < local_vocab)
+  label_columns = jnp.take(unembedding,
+                           jnp.clip(local_labels, 0, local_vocab - 1),
+                           axis=1)  # [embed, b, l]
+  label_logit = jnp.where(
+      in_shard, jnp.einsum("ble,ebl->bl", hidden, label_columns), 0.0)
+  mean_logit = hidden @ (jnp.sum(unembedding, axis=1) / vocab)  # [b, l]
+  term = label_logit - mean_logit
+  if vocab_axis_name is not None:
+    term = jax.lax.psum(term, vocab_axis_name)
+  return term
+
+
+def _vocab_parallel(function, hidden: jax.Array, unembedding: jax.Array,
+                    labels: jax.Array):
+  """Runs `function(hidden, unembedding, labels, vocab_axis_name)`.
+
+  When the active mesh splits the vocabulary (`sharding.vocab_parallel_axis`),
+  the call runs under `jax.shard_map` with each device on its own columns of
+  `unembedding` and its own rows of the batch, so the `[embed, vocab]` matrix
+  is never gathered. Otherwise it runs as is with `vocab_axis_name=None`.
+  Every output must have the batch as its leading axis.
+  """
+  axis = sharding.vocab_parallel_axis(unembedding.shape[1])
+  if axis is None:
+    return function(hidden, unembedding, labels, None)
+  batch = PartitionSpec(sharding.BATCH_AXES)
+  return jax.shard_map(
+      functools.partial(function, vocab_axis_name=axis),
+      in_specs=(batch, PartitionSpec(None, axis), batch),
+      out_specs=batch)(hidden, unembedding, labels)
 
 
 def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
@@ -71,16 +110,26 @@ def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
   hidden = jnp.where(selected[..., None], outputs["hidden"],
                      jnp.zeros((), outputs["hidden"].dtype))
   labels = jnp.where(selected, batch["targets"], 0)
-  per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
-      hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size)
+  smooth = tasks.LM in token_tasks and label_smoothing > 0
+
+  def score(hidden, unembedding, labels, vocab_axis_name):
+    per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
+        hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size,
+        vocab_axis_name=vocab_axis_name)
+    smoothing_term = (
+        _label_smoothing_term(hidden, unembedding, labels, vocab_axis_name)
+        if smooth else jnp.zeros_like(per_position))
+    return per_position, predictions, smoothing_term
+
+  per_position, predictions, smoothing_term = _vocab_parallel(
+      score, hidden, unembedding, labels)
 
   task_losses = {}
   task_metrics = {}
   for task in token_tasks:
     task_loss = per_position
-    if task == tasks.LM and label_smoothing:
-      task_loss = per_position + label_smoothing * _label_smoothing_term(
-          hidden, unembedding, labels)
+    if task == tasks.LM and smooth:
+      task_loss = per_position + label_smoothing * smoothing_term
     task_losses[task] = losses.weighted_sum(task_loss, weights[task])
     task_metrics[task] = {
         "accuracy": losses.accuracy(predictions, labels, weights[task])}
@@ -109,53 +158,67 @@ def sop_objective(outputs: Outputs, batch: Batch):
 
 
 def sample_tokens(hidden: jax.Array, unembedding: jax.Array, rng: jax.Array,
-                  *, chunk_size: int, first_allowed_id: int) -> jax.Array:
+                  *, chunk_size: int, first_allowed_id: int,
+                  vocab_axis_name: str | None = None) -> jax.Array:
   """Samples one token per position from `softmax(hidden @ unembedding)`.
 
   Uses the Gumbel-max trick block by block over the vocabulary, so the full
-  `[batch, length, vocab]` logits never exist; the noise and the running
-  maximum are float32. Ids below `first_allowed_id` (the special tokens) are
-  never drawn.
+  `[batch, length, vocab]` logits never exist; the noise and the scores are
+  float32. Ids below `first_allowed_id` (the special tokens) are never
+  drawn.
 
   Args:
     hidden: `[batch, length, embed]`.
-    unembedding: `[embed, vocab]`.
-    rng: PRNG key.
+    unembedding: `[embed, vocab]`, or this device's `[embed, vocab / n]`
+      columns with `vocab_axis_name` (see `losses.fused_token_cross_entropy`).
+    rng: PRNG key. Under `shard_map`, fold in the batch shard's index first,
+      so that different rows draw different noise.
     chunk_size: vocabulary columns per block.
     first_allowed_id: the smallest id that may be drawn.
+    vocab_axis_name: the mesh axis that splits the vocabulary, or None.
 
   Returns:
-    `[batch, length]` int32 sampled ids.
+    `[batch, length]` int32 sampled whole-vocabulary ids.
   """
-  vocab = unembedding.shape[1]
-  num_blocks = -(-vocab // chunk_size)
+  local_vocab = unembedding.shape[1]
+  offset = 0
+  if vocab_axis_name is not None:
+    shard = jax.lax.axis_index(vocab_axis_name)
+    offset = shard * local_vocab
+    rng = jax.random.fold_in(rng, shard)
+  num_blocks = -(-local_vocab // chunk_size)
   padded_vocab = num_blocks * chunk_size
   # [embed, vocab] -> [embed, num_blocks * chunk]; padded columns are masked.
-  unembedding = jnp.pad(unembedding, ((0, 0), (0, padded_vocab - vocab)))
+  unembedding = jnp.pad(jax.lax.stop_gradient(unembedding),
+                        ((0, 0), (0, padded_vocab - local_vocab)))
   hidden = jax.lax.stop_gradient(hidden)
 
-  def scan_block(carry, index):
-    best_score, best_id = carry
+  def block_best(_, index):
     start = index * chunk_size
     block = jax.lax.dynamic_slice_in_dim(unembedding, start, chunk_size, 1)
     logits = jnp.einsum("ble,ev->blv", hidden, block.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
-    ids = start + jnp.arange(chunk_size)
-    allowed = (ids >= first_allowed_id) & (ids < vocab)
+    ids = offset + start + jnp.arange(chunk_size)
+    allowed = ((ids >= first_allowed_id) &
+               (start + jnp.arange(chunk_size) < local_vocab))
     gumbel = jax.random.gumbel(jax.random.fold_in(rng, index), logits.shape,
                                jnp.float32)
     score = jnp.where(allowed, logits + gumbel, -jnp.inf)
-    block_best = jnp.argmax(score, axis=-1)
-    block_score = jnp.max(score, axis=-1)
-    better = block_score > best_score
-    return (jnp.where(better, block_score, best_score),
-            jnp.where(better, start + block_best, best_id)), None
+    best = jnp.argmax(score, axis=-1)
+    return None, (jnp.max(score, axis=-1), offset + start + best)
 
-  batch_shape = hidden.shape[:-1]
-  init = (jnp.full(batch_shape, -jnp.inf, jnp.float32),
-          jnp.full(batch_shape, first_allowed_id, jnp.int32))
-  (_, sampled), _ = jax.lax.scan(scan_block, init, jnp.arange(num_blocks))
-  return sampled.astype(jnp.int32)
+  # The best score and id of each block, [num_blocks, batch, length]; a
+  # scan without a carry needs no loop state across blocks.
+  _, (scores, ids) = jax.lax.scan(block_best, None, jnp.arange(num_blocks))
+  best_block = jnp.argmax(scores, axis=0)
+  score = jnp.max(scores, axis=0)
+  sampled = jnp.take_along_axis(ids, best_block[None], axis=0)[0]
+  if vocab_axis_name is not None:
+    best_score = jax.lax.pmax(score, vocab_axis_name)
+    sampled = jax.lax.pmin(
+        jnp.where(score == best_score, sampled, jnp.iinfo(jnp.int32).max),
+        vocab_axis_name)
+  return jnp.maximum(sampled, first_allowed_id).astype(jnp.int32)
 
 
 def electra_generator_objective(generator_hidden: jax.Array,
@@ -186,13 +249,32 @@ def electra_generator_objective(generator_hidden: jax.Array,
   """
   rtd_rows = task_rows(batch, tasks.RTD)[:, None] > 0
   selected = rtd_rows & (batch["input_ids"] == tokenizer.MASK_ID)
-  loss, accuracy = losses.fused_masked_lm_loss(
-      generator_hidden, unembedding, batch["original_ids"],
-      selected.astype(jnp.float32), z_loss=z_loss, chunk_size=chunk_size)
+  # Unselected positions reach neither the loss nor its gradient; their
+  # samples are discarded below.
+  hidden = jnp.where(selected[..., None], generator_hidden,
+                     jnp.zeros((), generator_hidden.dtype))
+  labels = jnp.where(selected, batch["original_ids"], 0)
 
-  sampled = sample_tokens(generator_hidden, unembedding, rng,
-                          chunk_size=chunk_size,
-                          first_allowed_id=tokenizer.NUM_RESERVED_IDS)
+  def generate(hidden, unembedding, labels, vocab_axis_name):
+    per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
+        hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size,
+        vocab_axis_name=vocab_axis_name)
+    sample_rng = rng
+    if vocab_axis_name is not None:
+      sample_rng = jax.random.fold_in(
+          rng, jax.lax.axis_index(sharding.BATCH_AXES))
+    sampled = sample_tokens(hidden, unembedding, sample_rng,
+                            chunk_size=chunk_size,
+                            first_allowed_id=tokenizer.NUM_RESERVED_IDS,
+                            vocab_axis_name=vocab_axis_name)
+    return per_position, predictions, sampled
+
+  per_position, predictions, sampled = _vocab_parallel(
+      generate, hidden, unembedding, labels)
+  weights = selected.astype(jnp.float32)
+  loss = losses.weighted_sum(per_position, weights)
+  accuracy = losses.accuracy(predictions, labels, weights)
+
   input_ids = jnp.where(selected, sampled, batch["input_ids"])
   replaced = (input_ids != batch["original_ids"]).astype(jnp.int32)
   rtd_batch = dict(batch)

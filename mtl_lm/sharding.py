@@ -31,6 +31,9 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes that split the batch, and the one that splits the vocabulary.
+BATCH_AXES = ("data", "fsdp")
+VOCAB_AXIS = "tensor"
 
 # Order matters: flax assigns a mesh axis to the first logical name that
 # claims it, so "batch" takes "fsdp" before "embed" does in activations, while
@@ -149,7 +152,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of batch arrays: leading axis over data and fsdp."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def _mesh_extent(mesh: Mesh, mesh_axes: str | tuple[str, ...] | None) -> int:
@@ -254,3 +257,20 @@ def sharding_context(
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def vocab_parallel_axis(vocab_size: int) -> str | None:
+  """Returns the axis of the active mesh that splits the vocabulary, if any.
+
+  That is `VOCAB_AXIS` when a mesh is set (`sharding_context`) and its
+  tensor axis has more than one device and divides `vocab_size`, the same
+  condition under which `params_shardings` splits vocabulary dimensions.
+  Otherwise None: the vocabulary is whole on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or VOCAB_AXIS not in mesh.axis_names:
+    return None
+  size = mesh.shape[VOCAB_AXIS]
+  if size == 1 or vocab_size % size:
+    return None
+  return VOCAB_AXIS

@@ -246,6 +246,56 @@ class TestWeightedSum:
     np.testing.assert_allclose(losses.mean(per_device)[0], losses.mean(whole),
                                rtol=1e-6)
 
+  def test_accumulated_gradients_equal_whole_batch(self):
+    # Two tasks with different counts in each micro-batch: mlm on a few
+    # selected positions, rtd on every real token. Accumulating each
+    # micro-batch's gradient of its totals and dividing by the summed counts
+    # gives the whole batch's gradient of the sum of the two task means.
+    hidden, unembedding, labels = _random_problem(
+        3, batch_shape=(4, 6), embed=8, vocab=40)
+    mlm_weights = jnp.asarray(
+        np.random.default_rng(4).integers(0, 2, (4, 6)), jnp.float32)
+    rtd_weights = jnp.ones((4, 6)).at[1, 4:].set(0.0)
+    rtd_labels = _integers(5, (4, 6), 2)
+    rtd_kernel = _normal(6, (8,))
+
+    def task_sums(params, rows):
+      hidden_param, unembedding_param, kernel = params
+      mlm, _ = losses.fused_masked_lm_loss(
+          hidden_param[rows], unembedding_param, labels[rows],
+          mlm_weights[rows], chunk_size=16)
+      rtd = losses.weighted_sum(
+          losses.replaced_token_detection_loss(hidden_param[rows] @ kernel,
+                                               rtd_labels[rows]),
+          rtd_weights[rows])
+      return mlm, rtd
+
+    params = (hidden, unembedding, rtd_kernel)
+
+    def whole_loss(params):
+      mlm, rtd = task_sums(params, slice(None))
+      return losses.mean(mlm) + losses.mean(rtd)
+
+    expected = jax.grad(whole_loss)(params)
+
+    micro_batches = (slice(0, 1), slice(1, 4))
+    counts = [task_sums(params, rows) for rows in micro_batches]
+    mlm_count = sum(float(mlm.count) for mlm, _ in counts)
+    rtd_count = sum(float(rtd.count) for _, rtd in counts)
+    # The micro-batches differ in size and in each task's count, so an
+    # average of per-micro-batch means would give a different gradient.
+    assert [float(mlm.count) for mlm, _ in counts] != [mlm_count / 2] * 2
+
+    def micro_batch_loss(params, rows):
+      mlm, rtd = task_sums(params, rows)
+      return mlm.total / mlm_count + rtd.total / rtd_count
+
+    grads = [jax.grad(micro_batch_loss)(params, rows)
+             for rows in micro_batches]
+    accumulated = jax.tree.map(jnp.add, *grads)
+    for got, want in zip(accumulated, expected):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
   def test_means_maps_nested_dict(self):
     metrics = {"lm": {"loss": losses.WeightedSum(jnp.float32(3.0),
                                                  jnp.float32(2.0))},

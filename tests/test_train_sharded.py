@@ -73,3 +73,53 @@ def test_sharded_step_matches_single_device(tmp_path):
                                atol=1e-6, err_msg=name)
   np.testing.assert_allclose(sharded["param_sums"], single["param_sums"],
                              rtol=2e-5, atol=1e-5)
+
+
+# Compiles the step on a mesh with the vocabulary split four ways and prints
+# the all-gathers whose result has a vocabulary-sized dimension, then runs it.
+_VOCAB_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests_dir!r})
+    from mtl_lm import sharding, train
+    import train_fixtures
+
+    config = train_fixtures.tiny_config({corpus!r})
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 1, 4
+    config.rtd.replacements = {replacements!r}
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = train.Trainer(config, vocab_size={vocab}, mesh=mesh)
+    state = trainer.init(seed=0)
+    batch = train_fixtures.synthetic_batch(config, vocab_size={vocab})
+    with sharding.sharding_context(mesh):
+      text = trainer._step.lower(state, batch).compile().as_text()
+    # The result shape comes before "all-gather(", e.g. "f32[32,300]{{0,1}}".
+    gathers = [line.strip() for line in text.splitlines()
+               if "all-gather(" in line and re.search(
+                   r"[\\[,]{vocab}[\\],]", line.split("all-gather(")[0])]
+    state, metrics = trainer.step(state, batch)
+    totals = {{name: float(np.asarray(value[0] if isinstance(value, tuple)
+                                      else value))
+               for name, value in jax.device_get(metrics).items()}}
+    print(json.dumps({{"gathers": gathers, "metrics": totals}}))
+""")
+
+
+def test_vocab_parallel_step_never_gathers_the_unembedding(tmp_path):
+  corpus = train_fixtures.write_corpus(str(tmp_path / "corpus.txt"))
+  for replacements in ("random", "generator"):
+    script = _VOCAB_PARALLEL_SCRIPT.format(
+        tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
+        vocab=_VOCAB, replacements=replacements)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["gathers"] == [], replacements
+    assert all(np.isfinite(value) for value in report["metrics"].values())
+    if replacements == "generator":
+      assert report["metrics"]["loss/generator"] > 0
