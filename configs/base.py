@@ -131,6 +131,10 @@ def get_config():
   config.train.log_every = 10
   config.train.checkpoint_every = 100
   config.train.max_checkpoints_to_keep = 3
+  # Splits each batch into this many micro-batches, run one after another,
+  # for the same step with less activation memory (one extra forward pass
+  # per micro-batch, because the task weights need the whole batch's losses).
+  config.train.gradient_accumulation_steps = 1
 
   # Device mesh. -1 takes the devices left after the other axes.
   config.mesh = ml_collections.ConfigDict()

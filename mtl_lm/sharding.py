@@ -134,12 +134,15 @@ def batch_extent(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, *,
+                     micro_batches: int = 1) -> None:
   """Raises ValueError unless `batch_size` splits evenly over the batch axes.
 
   Args:
     batch_size: Global batch size in examples (`config.data.batch_size`).
     mesh: The mesh from `make_mesh`.
+    micro_batches: `config.train.gradient_accumulation_steps`; each
+      micro-batch must split evenly over the batch axes too.
   """
   extent = batch_extent(mesh)
   if batch_size % extent:
@@ -148,6 +151,13 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         f"data * fsdp mesh size {mesh.shape['data']} * {mesh.shape['fsdp']} "
         f"= {extent}. Choose a batch size that is a multiple of {extent} or "
         "change config.mesh.")
+  if batch_size % (extent * micro_batches):
+    raise ValueError(
+        f"config.data.batch_size={batch_size} cannot be split into "
+        f"config.train.gradient_accumulation_steps={micro_batches} "
+        f"micro-batches of a multiple of {extent} examples (the data * fsdp "
+        f"mesh size). Choose a batch size that is a multiple of "
+        f"{extent * micro_batches} or fewer accumulation steps.")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -87,8 +87,9 @@ def active_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for settings that cannot work, naming the fix."""
   active_tasks(config)
-  for name in ("steps", "log_every", "checkpoint_every"):
-    value = config.train[name]
+  for name in ("steps", "log_every", "checkpoint_every",
+               "gradient_accumulation_steps"):
+    value = config.train.get(name, 1)
     if not isinstance(value, int) or value <= 0:
       raise ValueError(
           f"config.train.{name}={value!r} is invalid; pass a positive integer.")
@@ -179,23 +180,31 @@ def _batch_bidirectional(batch) -> jax.Array:
   return batch["task_id"] != tasks.TASK_IDS[tasks.LM]
 
 
-def _with_gradient_taps(module, model_params, outputs, segment_ids, taps,
-                        task):
-  """Returns outputs recomputed from hidden states that carry `task`'s tap.
+def _with_gradient_taps(module, model_params, outputs, batch, taps):
+  """Returns outputs recomputed from hidden states that carry gradient taps.
 
-  `hidden = normed * (scale + tap)` has the value of `normed * scale` because
-  every tap is zero, but the gradient w.r.t. the tap is the gradient of this
-  task's loss w.r.t. the final RMSNorm scale, measured in the same backward
-  pass as everything else. The rtd and sop heads run again on the tapped
-  states; the lm and mlm losses read "hidden" directly.
+  Each row gets the tap of its own task: `hidden = normed * (scale + tap)`
+  has the value of `normed * scale` because every tap is zero. A row feeds
+  only its own task's loss, and nothing mixes rows after the final norm, so
+  the gradient w.r.t. task k's tap is the gradient of `w_k * L_k` w.r.t. the
+  final RMSNorm scale. All tasks' taps are measured in the one backward pass
+  of the step, and lm and mlm rows still share one pass over the
+  vocabulary. The rtd and sop heads run again on the tapped states; the lm
+  and mlm losses read "hidden" directly.
   """
   scale = model_params["final_norm"]["scale"]
-  hidden = outputs["normed"] * (scale + taps[task]).astype(jnp.float32)
+  row_taps = sum(
+      jnp.where((batch["task_id"] == tasks.TASK_IDS[task])[:, None],
+                tap[None, :], 0.0)
+      for task, tap in taps.items())  # [batch, embed]
+  hidden = outputs["normed"] * (scale + row_taps[:, None, :]).astype(
+      jnp.float32)
   hidden = hidden.astype(outputs["hidden"].dtype)
   tapped = dict(outputs)
   tapped["hidden"] = hidden
-  if task in (tasks.RTD, tasks.SOP):
-    tapped.update(module.apply({"params": model_params}, hidden, segment_ids,
+  if tasks.RTD in taps or tasks.SOP in taps:
+    tapped.update(module.apply({"params": model_params}, hidden,
+                               batch["segment_ids"],
                                method=module.task_heads))
   return tapped
 
@@ -241,28 +250,181 @@ def compute_losses(params, batch, rng, *, module, config, task_names,
       positions=batch["positions"],
       bidirectional=_batch_bidirectional(batch),
   )
-  if taps is None:
-    task_losses, task_metrics = objectives.compute_objectives(
-        outputs, unembedding, batch, active_tasks=task_names,
-        **objective_kwargs)
-    metrics.update(task_metrics)
-    return task_losses, metrics, generator_loss
-
-  task_losses = {}
-  for task in task_names:
-    tapped = _with_gradient_taps(module, model_params, outputs,
-                                 batch["segment_ids"], taps, task)
-    one_loss, one_metrics = objectives.compute_objectives(
-        tapped, unembedding, batch, active_tasks=(task,), **objective_kwargs)
-    task_losses.update(one_loss)
-    metrics.update(one_metrics)
+  if taps is not None:
+    outputs = _with_gradient_taps(module, model_params, outputs, batch, taps)
+  task_losses, task_metrics = objectives.compute_objectives(
+      outputs, unembedding, batch, active_tasks=task_names,
+      **objective_kwargs)
+  metrics.update(task_metrics)
   return task_losses, metrics, generator_loss
+
+
+def _weighted_total(state: TrainState, task_losses, task_counts,
+                    generator_loss, weighting_params, *, strategy, config,
+                    task_names):
+  """Weights the task losses; returns `(total, weights, weighting_state)`.
+
+  `total` is differentiable in `task_losses` (with the weights held fixed),
+  in `generator_loss` and in `weighting_params`.
+  """
+  weights, weighting_state = strategy.update(
+      state.weighting_state,
+      jax.lax.stop_gradient(task_losses),
+      state.step,
+      task_counts=task_counts,
+      params=weighting_params,
+      task_grad_norms=(state.task_grad_norms if strategy.needs_grad_norms
+                       else None),
+  )
+  total = sum(weights[task] * task_losses[task] for task in task_names)
+  if strategy.regularizer is not None:
+    total = total + strategy.regularizer(weighting_params,
+                                         task_counts=task_counts)
+  if generator_loss is not None:
+    # ELECTRA weights the discriminator `discriminator_weight` times the
+    # generator; the discriminator's weight is the rtd task weight.
+    generator_weight = weights[tasks.RTD] / config.rtd.discriminator_weight
+    total = total + generator_weight * generator_loss
+  return total, weights, weighting_state
+
+
+def accumulation_steps(config) -> int:
+  """Returns `config.train.gradient_accumulation_steps` (1 when unset)."""
+  return config.train.get("gradient_accumulation_steps", 1)
+
+
+def split_micro_batches(batch, num_micro_batches: int):
+  """Splits `[batch, ...]` arrays into `[num_micro_batches, batch / n, ...]`.
+
+  Micro-batch `m` takes rows `m, m + n, m + 2n, ...`, so each device's
+  contiguous block of rows contains rows of every micro-batch and no
+  micro-batch has to move between devices.
+  """
+
+  def split(array):
+    rows = array.shape[0] // num_micro_batches
+    array = array.reshape((rows, num_micro_batches) + array.shape[1:])
+    array = jnp.swapaxes(array, 0, 1)
+    names = (None, "batch") + (None,) * (array.ndim - 2)
+    return nn.with_logical_constraint(array, names)
+
+  return jax.tree.map(split, batch)
+
+
+def _single_batch_gradients(state: TrainState, batch, sample_rng, taps, *,
+                            compute, strategy, config, task_names):
+  """Differentiates the weighted total of the whole batch in one pass."""
+
+  def loss_fn(params, taps):
+    task_sums, task_metrics, generator_sum = compute(params, batch,
+                                                     sample_rng, taps=taps)
+    task_losses = {task: losses.mean(task_sums[task]) for task in task_names}
+    task_counts = {task: task_sums[task].count for task in task_names}
+    generator_loss = (losses.mean(generator_sum)
+                      if generator_sum is not None else None)
+    total, weights, weighting_state = _weighted_total(
+        state, task_losses, task_counts, generator_loss, params["weighting"],
+        strategy=strategy, config=config, task_names=task_names)
+    return total, (task_sums, task_metrics, generator_sum, weights,
+                   weighting_state)
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  (total, aux), (grads, tap_grads) = grad_fn(state.params, taps)
+  return (total, grads, tap_grads) + aux
+
+
+def _accumulated_gradients(state: TrainState, batch, sample_rng, taps, *,
+                           num_micro_batches, compute, strategy, config,
+                           task_names):
+  """Differentiates the weighted total of the whole batch in micro-batches.
+
+  The weights depend on the whole batch's task losses, so a first scan over
+  the micro-batches runs the forward pass only and adds up each task's
+  `WeightedSum`. With the weights fixed, the gradient of the total is
+  `sum_k w_k * grad(total_k) / count_k` over the whole batch, and a second
+  scan adds up each micro-batch's `w_k * grad(total_k(micro)) / count_k`.
+  Both scans use the same sampling key per micro-batch, so the ELECTRA
+  generator draws the same replacements in each. The weighting parameters'
+  gradient comes from the whole-batch losses directly. The price is one
+  extra forward pass per micro-batch.
+  """
+  micro_batches = split_micro_batches(batch, num_micro_batches)
+  keys = jax.random.split(sample_rng, num_micro_batches)
+  inputs = (micro_batches, keys)
+
+  def add(first, second):
+    return jax.tree.map(jnp.add, first, second)
+
+  def zeros_like_outputs(function, *args):
+    shapes = jax.eval_shape(function, *args)
+    return jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype),
+                        shapes)
+
+  # Forward pass only: the whole batch's sums of every loss and metric.
+  def forward(params, micro_batch, key):
+    return compute(params, micro_batch, key, taps=None)
+
+  def forward_step(sums, micro_inputs):
+    return add(sums, forward(state.params, *micro_inputs)), None
+
+  first = jax.tree.map(lambda array: array[0], inputs)
+  sums = zeros_like_outputs(forward, state.params, *first)
+  (task_sums, task_metrics, generator_sum), _ = jax.lax.scan(
+      forward_step, sums, inputs)
+  task_losses = {task: losses.mean(task_sums[task]) for task in task_names}
+  task_counts = {task: task_sums[task].count for task in task_names}
+  generator_loss = (losses.mean(generator_sum)
+                    if generator_sum is not None else None)
+
+  def weighting_objective(weighting_params):
+    total, weights, weighting_state = _weighted_total(
+        state, task_losses, task_counts, generator_loss, weighting_params,
+        strategy=strategy, config=config, task_names=task_names)
+    return total, (weights, weighting_state)
+
+  (total, (weights, weighting_state)), weighting_grads = jax.value_and_grad(
+      weighting_objective, has_aux=True)(state.params["weighting"])
+
+  def scaled(weighted_sum, whole_count):
+    # Dividing by the whole batch's count, not the micro-batch's, makes the
+    # accumulated gradient that of the whole batch's mean.
+    return weighted_sum.total / jnp.where(whole_count > 0, whole_count, 1.0)
+
+  def micro_objective(model_params, taps, micro_batch, key):
+    params = {"model": model_params, "weighting": state.params["weighting"]}
+    micro_sums, _, micro_generator = compute(params, micro_batch, key,
+                                             taps=taps)
+    objective = sum(weights[task] * scaled(micro_sums[task],
+                                           task_counts[task])
+                    for task in task_names)
+    if micro_generator is not None:
+      generator_weight = weights[tasks.RTD] / config.rtd.discriminator_weight
+      objective = objective + generator_weight * scaled(
+          micro_generator, generator_sum.count)
+    return objective
+
+  micro_grad_fn = jax.grad(micro_objective, argnums=(0, 1))
+
+  def backward_step(grads, micro_inputs):
+    return add(grads, micro_grad_fn(state.params["model"], taps,
+                                    *micro_inputs)), None
+
+  zero_grads = jax.tree.map(jnp.zeros_like, (state.params["model"], taps))
+  (model_grads, tap_grads), _ = jax.lax.scan(backward_step, zero_grads,
+                                             inputs)
+  grads = {"model": model_grads, "weighting": weighting_grads}
+  return (total, grads, tap_grads, task_sums, task_metrics, generator_sum,
+          weights, weighting_state)
 
 
 def train_step(state: TrainState, batch, *, module, optimizer,
                strategy: weighting.WeightingStrategy, config,
                task_names: tuple[str, ...], learning_rate_fn):
   """Takes one optimizer step on the weighted sum of the task losses.
+
+  With `config.train.gradient_accumulation_steps = n > 1` the batch is
+  processed in `n` micro-batches and the step equals the one on the whole
+  batch (see `_accumulated_gradients`).
 
   Args:
     state: the current `TrainState`.
@@ -284,37 +446,22 @@ def train_step(state: TrainState, batch, *, module, optimizer,
           if measure_grad_norms else None)
 
   rng, sample_rng = jax.random.split(state.rng)
-
-  def loss_fn(params, taps):
-    task_sums, task_metrics, generator_sum = compute_losses(
-        params, batch, sample_rng, module=module, config=config,
-        task_names=task_names, taps=taps)
-    task_losses = {task: losses.mean(task_sums[task]) for task in task_names}
-    task_counts = {task: task_sums[task].count for task in task_names}
-    weights, weighting_state = strategy.update(
-        state.weighting_state,
-        jax.lax.stop_gradient(task_losses),
-        state.step,
-        task_counts=task_counts,
-        params=params["weighting"],
-        task_grad_norms=(state.task_grad_norms if measure_grad_norms
-                         else None),
-    )
-    total = sum(weights[task] * task_losses[task] for task in task_names)
-    if strategy.regularizer is not None:
-      total = total + strategy.regularizer(params["weighting"],
-                                           task_counts=task_counts)
-    if generator_sum is not None:
-      # ELECTRA weights the discriminator `discriminator_weight` times the
-      # generator; the discriminator's weight is the rtd task weight.
-      generator_weight = weights[tasks.RTD] / config.rtd.discriminator_weight
-      total = total + generator_weight * losses.mean(generator_sum)
-      task_metrics["loss/generator"] = generator_sum
-    return total, (task_sums, task_metrics, weights, weighting_state)
-
-  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-  (total, aux), (grads, tap_grads) = grad_fn(state.params, taps)
-  task_sums, task_metrics, weights, weighting_state = aux
+  compute = functools.partial(compute_losses, module=module, config=config,
+                              task_names=task_names)
+  num_micro_batches = accumulation_steps(config)
+  if num_micro_batches == 1:
+    outputs = _single_batch_gradients(
+        state, batch, sample_rng, taps, compute=compute, strategy=strategy,
+        config=config, task_names=task_names)
+  else:
+    outputs = _accumulated_gradients(
+        state, batch, sample_rng, taps, num_micro_batches=num_micro_batches,
+        compute=compute, strategy=strategy, config=config,
+        task_names=task_names)
+  (total, grads, tap_grads, task_sums, task_metrics, generator_sum, weights,
+   weighting_state) = outputs
+  if generator_sum is not None:
+    task_metrics["loss/generator"] = generator_sum
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -500,7 +647,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   pipeline.validate_data_config(config, process_count=jax.process_count())
   weighting.from_config(config.weighting, active_tasks(config))
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.data.batch_size, mesh)
+  sharding.check_batch_size(config.data.batch_size, mesh,
+                            micro_batches=accumulation_steps(config))
   os.makedirs(workdir, exist_ok=True)
   logging.info("Training tasks %s on mesh %s.", active_tasks(config),
                dict(mesh.shape))

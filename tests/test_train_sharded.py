@@ -28,6 +28,7 @@ _STEP_SCRIPT = textwrap.dedent("""
     config = train_fixtures.tiny_config({corpus!r})
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = {mesh}
     config.weighting.name = {weighting!r}
+    config.train.gradient_accumulation_steps = {accumulation}
     mesh = sharding.make_mesh(config.mesh)
     trainer = train.Trainer(config, vocab_size={vocab}, mesh=mesh)
     state = trainer.init(seed=0)
@@ -44,10 +45,11 @@ _STEP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_step(corpus, *, mesh, weighting, device_count):
+def _run_step(corpus, *, mesh, weighting, device_count, accumulation=1):
   script = _STEP_SCRIPT.format(
       tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
-      mesh=mesh, weighting=weighting, vocab=_VOCAB)
+      mesh=mesh, weighting=weighting, vocab=_VOCAB,
+      accumulation=accumulation)
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       f"--xla_force_host_platform_device_count={device_count}")
@@ -68,6 +70,21 @@ def test_sharded_step_matches_single_device(tmp_path):
 
   assert single["devices"] == 1
   assert sharded["devices"] == 8
+  for name, value in single["metrics"].items():
+    np.testing.assert_allclose(sharded["metrics"][name], value, rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(sharded["param_sums"], single["param_sums"],
+                             rtol=2e-5, atol=1e-5)
+
+
+def test_sharded_accumulated_step_matches_single_device(tmp_path):
+  # Two micro-batches of 4 rows, each split over the 4 batch devices.
+  corpus = train_fixtures.write_corpus(str(tmp_path / "corpus.txt"))
+  single = _run_step(corpus, mesh=(1, 1, 1), weighting="famo",
+                     device_count=1)
+  sharded = _run_step(corpus, mesh=(2, 2, 2), weighting="famo",
+                      device_count=8, accumulation=2)
+
   for name, value in single["metrics"].items():
     np.testing.assert_allclose(sharded["metrics"][name], value, rtol=2e-5,
                                atol=1e-6, err_msg=name)
