@@ -156,8 +156,8 @@ def check_batch_size(batch_size: int, mesh: Mesh, *,
         f"config.data.batch_size={batch_size} cannot be split into "
         f"config.train.gradient_accumulation_steps={micro_batches} "
         f"micro-batches of a multiple of {extent} examples (the data * fsdp "
-        f"mesh size). Choose a batch size that is a multiple of "
-        f"{extent * micro_batches} or fewer accumulation steps.")
+        f"mesh size). Set config.data.batch_size to a multiple of "
+        f"{extent * micro_batches}, or use fewer accumulation steps.")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -7,13 +7,11 @@ must not gather the unembedding. The device count is fixed when JAX
 starts, so the checks run in a subprocess and report JSON.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+import train_fixtures
 
 _SCRIPT = textwrap.dedent("""
     import json
@@ -146,14 +144,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  completed = subprocess.run([sys.executable, "-c", _SCRIPT], env=env,
-                             capture_output=True, text=True, timeout=600,
-                             check=False)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  return json.loads(completed.stdout.strip().splitlines()[-1])
+  return train_fixtures.run_on_devices(_SCRIPT, device_count=8)
 
 
 def test_vocab_parallel_matches_plain_values_and_gradients(results):

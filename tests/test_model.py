@@ -467,7 +467,10 @@ def test_gqa_equals_mha_with_repeated_kv(tiny):
   bidirectional = np.array([False, True])
   expected = _forward(model, params, ids, segments, positions, bidirectional)
   out = _forward(mha_model, mha, ids, segments, positions, bidirectional)
-  np.testing.assert_allclose(out["hidden"], expected["hidden"], atol=1e-6)
+  # The grouped and repeated layouts run different float32 matmul kernels,
+  # which differ by about 1e-6 on hidden values near 1.
+  np.testing.assert_allclose(out["hidden"], expected["hidden"], rtol=1e-5,
+                             atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -4,10 +4,7 @@ The 8-device run happens in a subprocess, because the device count is fixed
 when JAX starts and other tests in this process use one device.
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -50,15 +47,7 @@ def _run_step(corpus, *, mesh, weighting, device_count, accumulation=1):
       tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
       mesh=mesh, weighting=weighting, vocab=_VOCAB,
       accumulation=accumulation)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={device_count}")
-  env["JAX_PLATFORMS"] = "cpu"
-  result = subprocess.run([sys.executable, "-c", script], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return train_fixtures.run_on_devices(script, device_count=device_count)
 
 
 def test_sharded_step_matches_single_device(tmp_path):
@@ -128,14 +117,7 @@ def test_vocab_parallel_step_never_gathers_the_unembedding(tmp_path):
     script = _VOCAB_PARALLEL_SCRIPT.format(
         tests_dir=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
         vocab=_VOCAB, replacements=replacements)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, "-c", script], env=env,
-                            capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = train_fixtures.run_on_devices(script, device_count=8)
     assert report["gathers"] == [], replacements
     assert all(np.isfinite(value) for value in report["metrics"].values())
     if replacements == "generator":

@@ -1,6 +1,9 @@
 """Tiny configs, corpora and batches shared by the training tests."""
 
+import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -57,3 +60,22 @@ def tiny_config(corpus: str, *, stage: str = "stage2",
 
 def synthetic_batch(config, *, vocab_size: int, seed: int = 0):
   return synthetic.batch(config, vocab_size=vocab_size, seed=seed)
+
+
+def run_on_devices(script: str, *, device_count: int) -> dict:
+  """Runs `script` on `device_count` simulated CPU devices in a subprocess.
+
+  The device count is fixed when JAX starts, so multi-device checks run in
+  a fresh interpreter. The script prints one JSON object as its last line.
+
+  Returns:
+    That JSON object. The test fails with the script's stderr if it fails.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
