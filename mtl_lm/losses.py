@@ -177,6 +177,19 @@ def _smoothed_cross_entropy(log_normalizer: jax.Array, label_logit: jax.Array,
   return loss
 
 
+def _pick_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Returns `logits[..., label]` as `[...]`, 0 where no column matches.
+
+  This is a masked sum rather than a gather. XLA fuses the comparison into
+  the reduction, so the forward pass stores no `[..., vocab]` mask. Unlike a
+  gather, it needs no output sharding when an Explicit mesh axis splits the
+  vocabulary.
+  """
+  columns = jnp.arange(logits.shape[-1])
+  return jnp.sum(jnp.where(columns == labels[..., None], logits, 0.0),
+                 axis=-1)
+
+
 def token_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                         label_smoothing: float = 0.0,
                         z_loss: float = 0.0) -> jax.Array:
@@ -214,8 +227,16 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, *,
   logits = logits.astype(_accumulation_dtype(logits.dtype))
   log_normalizer = jax.nn.logsumexp(logits, axis=-1)
   valid = (labels >= 0) & (labels < vocab_size)
-  label_logit = jnp.take_along_axis(
-      logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  spec = getattr(getattr(jax.typeof(logits), "sharding", None), "spec", ())
+  if spec and spec[-1] is not None:
+    # The vocabulary is split over an Explicit mesh axis, where a gather's
+    # output sharding is ambiguous.
+    label_logit = _pick_labels(logits, labels)
+  else:
+    # A gather: its gradient adds no `[..., vocab]` buffer to the
+    # softmax's, which the masked sum's does.
+    label_logit = jnp.take_along_axis(
+        logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
   logit_mean = jnp.mean(logits, axis=-1) if label_smoothing else None
 
   loss = _smoothed_cross_entropy(log_normalizer, label_logit, logit_mean,
@@ -307,11 +328,8 @@ def _update_stats(stats: _RunningStats, logits: jax.Array, labels: jax.Array,
   sum_exp = (stats.sum_exp * jnp.exp(stats.max_logit - max_logit) +
              jnp.sum(jnp.exp(logits - max_logit[:, None]), axis=-1))
 
-  local_labels = labels - start
-  in_block = (local_labels >= 0) & (local_labels < width)
-  picked = jnp.take_along_axis(
-      logits, jnp.clip(local_labels, 0, width - 1)[:, None], axis=-1)[:, 0]
-  label_logit = stats.label_logit + jnp.where(in_block, picked, 0.0)
+  # A label outside this block matches no column and adds 0.
+  label_logit = stats.label_logit + _pick_labels(logits, labels - start)
 
   logit_sum = stats.logit_sum
   if label_smoothing:
@@ -564,6 +582,17 @@ def _check_fused_inputs(hidden: jax.Array, unembedding: jax.Array,
         "[embed, vocab] kernel (transpose a [vocab, embed] embedding table).")
   _check_labels_match(labels, hidden.shape[:-1], "hidden")
   _check_smoothing_and_z_loss(label_smoothing, z_loss)
+  for name, array in (("hidden", hidden), ("unembedding", unembedding),
+                      ("labels", labels)):
+    spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", ())
+    if any(axis is not None for axis in spec):
+      # Only arrays sharded over Explicit mesh axes carry a spec in their
+      # type; under Auto axes and inside shard_map it is empty.
+      raise ValueError(
+          f"{name} is sharded over Explicit mesh axes ({spec}), which the "
+          "fused loss does not support. Call it inside jax.shard_map over "
+          "those axes (with vocab_axis_name for a split vocabulary, see "
+          "docs/losses.md), or build the mesh with AxisType.Auto axes.")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive int, the "
                      "number of vocabulary columns per block.")

@@ -1,7 +1,7 @@
 """The fused losses inside `jax.shard_map` on 8 simulated CPU devices.
 
 With `vocab_axis_name`, each device has a quarter of the vocabulary
-columns and two devices split the batch; the values, gradients and argmax
+columns and two devices split the batch. The values, gradients and argmax
 must equal the plain loss on the whole logits, and the compiled function
 must not gather the unembedding. The device count is fixed when JAX
 starts, so the checks run in a subprocess and report JSON.
@@ -138,6 +138,26 @@ _SCRIPT = textwrap.dedent("""
         lambda h, w, y: sample(h, w, y, "vocab"))(hidden, peaked, labels)
     results["samples_are_modes"] = bool(np.all(sampled == mode))
     results["mode_shards"] = sorted(set((np.asarray(mode) // 50).tolist()))
+
+    # Over Explicit mesh axes the plain loss works on vocabulary-sharded
+    # logits. The fused one raises an error that names shard_map, rather
+    # than failing deep inside JAX.
+    explicit = jax.make_mesh((2, 4), ("data", "vocab"))
+    place = lambda array, *spec: jax.device_put(
+        array, jax.sharding.NamedSharding(explicit, P(*spec)))
+    explicit_logits = place(hidden @ unembedding, "data", "vocab")
+    explicit_plain = jax.jit(
+        lambda logits, labels: losses.token_cross_entropy(
+            logits, labels, **options))(explicit_logits,
+                                        place(labels, "data"))
+    results["explicit_plain"] = max_difference(explicit_plain, plain)
+    try:
+      jax.jit(losses.fused_token_cross_entropy)(
+          place(hidden, "data"), place(unembedding, None, "vocab"),
+          place(labels, "data"))
+      results["explicit_fused_error"] = ""
+    except ValueError as error:
+      results["explicit_fused_error"] = str(error)
     print(json.dumps(results))
 """)
 
@@ -179,3 +199,9 @@ def test_vocab_parallel_sampling_finds_the_mode_on_any_device(results):
   assert results["samples_are_modes"]
   # The modes fall on several devices, so the cross-device choice is used.
   assert len(results["mode_shards"]) > 1
+
+
+def test_explicit_axes_plain_works_and_fused_explains(results):
+  assert results["explicit_plain"] < 1e-5
+  assert "Explicit mesh axes" in results["explicit_fused_error"]
+  assert "shard_map" in results["explicit_fused_error"]
