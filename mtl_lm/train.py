@@ -6,6 +6,7 @@ restore, steps, checkpoints), comes last.
 """
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -626,6 +627,42 @@ def _restore_or_explain(manager, step, trainer, train_iter, workdir):
         "with the config that wrote it, or pass a new --workdir.") from error
 
 
+def _data_settings(config) -> dict[str, Any]:
+  """Returns `config.data` as plain JSON values, for comparing runs."""
+  return json.loads(config.data.to_json_best_effort(sort_keys=True))
+
+
+def record_config(config, workdir: str) -> None:
+  """Compares the data settings with the last run's, then saves the config.
+
+  `WORKDIR/config.json` contains the config of the last run in the workdir. A
+  resumed run restores the data iterator's position, which refers to the
+  documents and settings of that run, so a change there is logged as a
+  warning that names each changed field.
+  """
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f).get("data", {})
+    current = _data_settings(config)
+    changed = [f"config.data.{name}: {previous.get(name)!r} -> "
+               f"{current.get(name)!r}"
+               for name in sorted(set(previous) | set(current))
+               if previous.get(name) != current.get(name)]
+    if changed:
+      logging.warning(
+          "The data settings differ from the last run in %s: %s. The data "
+          "iterator resumes at the position saved for the old settings, so "
+          "documents may repeat or be skipped. To read the new data from "
+          "its start, pass a new --workdir with --config.init_from=%s.",
+          workdir, "; ".join(changed), workdir)
+  if jax.process_index() == 0:
+    # Written whole and then renamed, so another process never reads half.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def _check_finite(step: int, summary: Mapping[str, float]) -> None:
   total = summary.get("loss/total", 0.0)
   if not math.isfinite(total):
@@ -669,9 +706,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "Ignoring config.init_from=%s: %s already has checkpoints, so this "
           "run resumes from them. Pass a new --workdir to start a stage from "
           "another run.", config.init_from, workdir)
+    record_config(config, workdir)
     state = _restore_or_explain(manager, latest, trainer, train_iter, workdir)
     logging.info("Resuming at step %d.", latest)
   else:
+    record_config(config, workdir)
     state = trainer.init(config.seed)
     if config.init_from:
       params, _ = checkpointing.restore_params(

@@ -88,6 +88,27 @@ def test_metrics_have_every_task_field(corpus, tmp_path):
   assert record["tokens_per_second"] > 0
 
 
+def test_resume_with_changed_data_warns(corpus, tmp_path, caplog):
+  config = train_fixtures.tiny_config(corpus, steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["data"]["train_files"] == corpus
+
+  moved = shutil.copy(corpus, tmp_path / "moved.txt")
+  config.data.train_files = str(moved)
+  config.train.steps = 4
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, workdir)
+  warnings = [record.getMessage() for record in caplog.records
+              if "data settings differ" in record.getMessage()]
+  assert len(warnings) == 1
+  assert f"config.data.train_files: {corpus!r} -> {str(moved)!r}" in (
+      warnings[0])
+  assert "seq_len" not in warnings[0]
+  assert _final_params(workdir)[0] == 4
+
+
 def test_rerun_after_last_step_does_nothing(corpus, tmp_path):
   config = train_fixtures.tiny_config(corpus, steps=2)
   workdir = str(tmp_path / "run")
