@@ -162,15 +162,17 @@ def _check_weights_match(weights: jax.Array, labels: jax.Array) -> None:
 
 def _smoothed_cross_entropy(log_normalizer: jax.Array, label_logit: jax.Array,
                             logit_mean: jax.Array | None, *,
-                            label_smoothing: float,
+                            label_smoothing: float | jax.Array,
                             z_loss: float) -> jax.Array:
   """Combines float32 per-position statistics into the loss.
 
   With target `(1 - eps) * onehot + eps / vocab`, the cross-entropy against
   `log_softmax(x) = x - lse` is `lse - (1 - eps) * x[label] - eps * mean(x)`.
+  `eps` is a number or one value per position; `logit_mean` is None when
+  `eps` is 0 everywhere.
   """
   loss = log_normalizer - (1.0 - label_smoothing) * label_logit
-  if label_smoothing:
+  if logit_mean is not None:
     loss = loss - label_smoothing * logit_mean
   if z_loss:
     loss = loss + z_loss * jnp.square(log_normalizer)
@@ -233,8 +235,8 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, *,
     # output sharding is ambiguous.
     label_logit = _pick_labels(logits, labels)
   else:
-    # A gather: its gradient adds no `[..., vocab]` buffer to the
-    # softmax's, which the masked sum's does.
+    # A gather, whose gradient needs one `[..., vocab]` buffer less than
+    # the masked sum's.
     label_logit = jnp.take_along_axis(
         logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
   logit_mean = jnp.mean(logits, axis=-1) if label_smoothing else None
@@ -319,7 +321,7 @@ def _block_logits(hidden: jax.Array, unembedding: jax.Array, start: Any,
 
 
 def _update_stats(stats: _RunningStats, logits: jax.Array, labels: jax.Array,
-                  start: Any, *, label_smoothing: float,
+                  start: Any, *, smooth: bool,
                   with_argmax: bool) -> _RunningStats:
   """Folds one block of logits `[tokens, width]` into the running statistics."""
   width = logits.shape[-1]
@@ -332,7 +334,7 @@ def _update_stats(stats: _RunningStats, logits: jax.Array, labels: jax.Array,
   label_logit = stats.label_logit + _pick_labels(logits, labels - start)
 
   logit_sum = stats.logit_sum
-  if label_smoothing:
+  if smooth:
     logit_sum = logit_sum + jnp.sum(logits, axis=-1)
 
   argmax = stats.argmax
@@ -428,10 +430,14 @@ def _combine_shards(stats: _RunningStats, offset: Any,
 
 
 def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
-                   labels: jax.Array, *, label_smoothing: float, z_loss: float,
-                   chunk_size: int, with_argmax: bool,
+                   labels: jax.Array, smoothing: jax.Array | None, *,
+                   z_loss: float, chunk_size: int, with_argmax: bool,
                    axis_name: str | None):
-  """Returns float32 loss `[tokens]`, argmax `[tokens]` and lse `[tokens]`."""
+  """Returns float32 loss `[tokens]`, argmax `[tokens]` and lse `[tokens]`.
+
+  `smoothing` is the label smoothing `[tokens]` of each position, or None
+  for none at all.
+  """
   num_tokens = hidden.shape[0]
   offset, vocab_size = _vocab_shard(unembedding, axis_name)
   dtype = _accumulation_dtype(hidden.dtype)
@@ -439,7 +445,7 @@ def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
   # Block statistics use ids local to this shard; argmax ids get the offset
   # back in `_combine_shards`.
   update = functools.partial(_update_stats, labels=labels - offset,
-                             label_smoothing=label_smoothing,
+                             smooth=smoothing is not None,
                              with_argmax=with_argmax)
 
   def full_block(index, stats):
@@ -465,37 +471,36 @@ def _fused_forward(hidden: jax.Array, unembedding: jax.Array,
   stats = _combine_shards(stats, offset, axis_name)
 
   log_normalizer = stats.max_logit + jnp.log(stats.sum_exp)
-  loss = _smoothed_cross_entropy(log_normalizer, stats.label_logit,
-                                 stats.logit_sum / vocab_size,
-                                 label_smoothing=label_smoothing,
-                                 z_loss=z_loss)
+  smooth = smoothing is not None
+  loss = _smoothed_cross_entropy(
+      log_normalizer, stats.label_logit,
+      stats.logit_sum / vocab_size if smooth else None,
+      label_smoothing=smoothing if smooth else 0.0, z_loss=z_loss)
   valid = (labels >= 0) & (labels < vocab_size)
   loss = jnp.where(valid, loss, jnp.nan)
   return loss, stats.argmax, log_normalizer
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _fused_cross_entropy(hidden, unembedding, labels, label_smoothing, z_loss,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_cross_entropy(hidden, unembedding, labels, smoothing, z_loss,
                          chunk_size, with_argmax, axis_name):
   loss, argmax, _ = _fused_forward(
-      hidden, unembedding, labels, label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax,
-      axis_name=axis_name)
+      hidden, unembedding, labels, smoothing, z_loss=z_loss,
+      chunk_size=chunk_size, with_argmax=with_argmax, axis_name=axis_name)
   return (loss, argmax) if with_argmax else loss
 
 
-def _fused_cross_entropy_fwd(hidden, unembedding, labels, label_smoothing,
-                             z_loss, chunk_size, with_argmax, axis_name):
+def _fused_cross_entropy_fwd(hidden, unembedding, labels, smoothing, z_loss,
+                             chunk_size, with_argmax, axis_name):
   loss, argmax, log_normalizer = _fused_forward(
-      hidden, unembedding, labels, label_smoothing=label_smoothing,
-      z_loss=z_loss, chunk_size=chunk_size, with_argmax=with_argmax,
-      axis_name=axis_name)
+      hidden, unembedding, labels, smoothing, z_loss=z_loss,
+      chunk_size=chunk_size, with_argmax=with_argmax, axis_name=axis_name)
   outputs = (loss, argmax) if with_argmax else loss
-  return outputs, (hidden, unembedding, labels, log_normalizer)
+  return outputs, (hidden, unembedding, labels, smoothing, log_normalizer)
 
 
-def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
-                             axis_name, residuals, cotangents):
+def _fused_cross_entropy_bwd(z_loss, chunk_size, with_argmax, axis_name,
+                             residuals, cotangents):
   """Recomputes each block of logits and accumulates both gradients.
 
   d loss / d logit_j = p_j * (1 + 2 z lse) - (1 - eps) [j == label] - eps / V,
@@ -505,7 +510,7 @@ def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
   writes the gradient of its own columns, and the partial `d hidden` of the
   devices is summed once at the end.
   """
-  hidden, unembedding, labels, log_normalizer = residuals
+  hidden, unembedding, labels, smoothing, log_normalizer = residuals
   loss_cotangent = cotangents[0] if with_argmax else cotangents
   dtype = _accumulation_dtype(hidden.dtype)
   loss_cotangent = loss_cotangent.astype(dtype)  # [tokens]
@@ -515,6 +520,7 @@ def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
 
   softmax_scale = (loss_cotangent *
                    (1.0 + 2.0 * z_loss * log_normalizer))[:, None]
+  label_smoothing = 0.0 if smoothing is None else smoothing.astype(dtype)
   label_scale = (loss_cotangent * (1.0 - label_smoothing))[:, None]
   uniform_scale = (loss_cotangent * (label_smoothing / vocab_size))[:, None]
 
@@ -523,7 +529,7 @@ def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
     logits = _block_logits(hidden, unembedding, start, block_width)
     columns = start + jnp.arange(block_width)
     logits_grad = jnp.exp(logits - log_normalizer[:, None]) * softmax_scale
-    if label_smoothing:
+    if smoothing is not None:
       logits_grad = logits_grad - uniform_scale
     logits_grad = jnp.where(columns[None, :] == labels[:, None],
                             logits_grad - label_scale, logits_grad)
@@ -557,15 +563,16 @@ def _fused_cross_entropy_bwd(label_smoothing, z_loss, chunk_size, with_argmax,
   # batch axes) is summed over them, once.
   hidden_grad = _sum_like(grads[0], hidden).astype(hidden.dtype)
   unembedding_grad = _sum_like(grads[1], unembedding)
-  return hidden_grad, unembedding_grad, None
+  # Labels and label smoothing get no gradient.
+  return hidden_grad, unembedding_grad, None, None
 
 
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
 
 
 def _check_fused_inputs(hidden: jax.Array, unembedding: jax.Array,
-                        labels: jax.Array, *, label_smoothing: float,
-                        z_loss: float, chunk_size: int) -> None:
+                        labels: jax.Array, *, z_loss: float,
+                        chunk_size: int) -> None:
   _check_floating("hidden", hidden)
   _check_floating("unembedding", unembedding)
   _check_integer("labels", labels)
@@ -581,7 +588,7 @@ def _check_fused_inputs(hidden: jax.Array, unembedding: jax.Array,
         f"size {hidden.shape[-1]} of hidden {hidden.shape}; pass the "
         "[embed, vocab] kernel (transpose a [vocab, embed] embedding table).")
   _check_labels_match(labels, hidden.shape[:-1], "hidden")
-  _check_smoothing_and_z_loss(label_smoothing, z_loss)
+  _check_smoothing_and_z_loss(0.0, z_loss)
   for name, array in (("hidden", hidden), ("unembedding", unembedding),
                       ("labels", labels)):
     spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", ())
@@ -598,14 +605,35 @@ def _check_fused_inputs(hidden: jax.Array, unembedding: jax.Array,
                      "number of vocabulary columns per block.")
 
 
+def _position_smoothing(label_smoothing: Any, labels: jax.Array,
+                        dtype: Any) -> jax.Array | None:
+  """Returns the label smoothing of each position as `[tokens]`, or None.
+
+  None means no smoothing anywhere, so the fused loss skips its logit sums.
+  A Python number is checked here. The values of an array cannot be
+  checked under `jit`, so they must lie in `[0, 1)`.
+  """
+  if isinstance(label_smoothing, (int, float)):
+    _check_smoothing_and_z_loss(label_smoothing, 0.0)
+    if not label_smoothing:
+      return None
+    return jnp.full((labels.size,), label_smoothing, dtype)
+  smoothing = jnp.asarray(label_smoothing)
+  _check_floating("label_smoothing", smoothing)
+  if smoothing.shape not in ((), labels.shape):
+    raise ValueError(
+        f"label_smoothing shape {smoothing.shape} differs from labels shape "
+        f"{labels.shape}; pass a number or one value per label.")
+  return jnp.broadcast_to(smoothing, labels.shape).reshape(-1).astype(dtype)
+
+
 def _fused_cross_entropy_nd(hidden, unembedding, labels, *, label_smoothing,
                             z_loss, chunk_size, with_argmax, vocab_axis_name):
   """Flattens `[..., embed]` to tokens, runs the fused loss, restores shapes."""
   hidden = jnp.asarray(hidden)
   unembedding = jnp.asarray(unembedding)
   labels = jnp.asarray(labels)
-  _check_fused_inputs(hidden, unembedding, labels,
-                      label_smoothing=label_smoothing, z_loss=z_loss,
+  _check_fused_inputs(hidden, unembedding, labels, z_loss=z_loss,
                       chunk_size=chunk_size)
 
   batch_shape = labels.shape
@@ -615,10 +643,12 @@ def _fused_cross_entropy_nd(hidden, unembedding, labels, *, label_smoothing,
   # here and each unembedding block inside the loop never copies the whole
   # unembedding, and autodiff casts the hidden gradient back.
   hidden = hidden.astype(jnp.result_type(hidden, unembedding))
+  smoothing = _position_smoothing(label_smoothing, labels,
+                                  _accumulation_dtype(hidden.dtype))
   labels = labels.reshape(-1)  # [...] -> [tokens]
-  outputs = _fused_cross_entropy(hidden, unembedding, labels,
-                                 float(label_smoothing), float(z_loss),
-                                 chunk_size, with_argmax, vocab_axis_name)
+  outputs = _fused_cross_entropy(hidden, unembedding, labels, smoothing,
+                                 float(z_loss), chunk_size, with_argmax,
+                                 vocab_axis_name)
   return jax.tree.map(lambda out: out.reshape(batch_shape), outputs)
 
 
@@ -654,7 +684,9 @@ def fused_token_cross_entropy(
       `[batch, length, embed]`.
     unembedding: `[embed, vocab]` float, e.g. a Linen `nn.Dense` kernel.
     labels: `[...]` int in `[0, vocab)`. A label outside that range gives NaN.
-    label_smoothing: see `token_cross_entropy`.
+    label_smoothing: as in `token_cross_entropy`, or an array of one value
+      per position (the shape of `labels`, each in `[0, 1)`), for example
+      to smooth the rows of one task and not another in the same pass.
     z_loss: see `token_cross_entropy`.
     chunk_size: vocabulary columns per block. `vocab` need not be a multiple.
     vocab_axis_name: inside `jax.shard_map`, the mesh axis that splits the
@@ -716,7 +748,7 @@ def fused_masked_lm_loss(
     unembedding: `[embed, vocab]` float.
     labels: `[...]` int in `[0, vocab)` at the selected positions.
     weights: `[...]` non-negative, 0 at positions outside the loss.
-    label_smoothing: see `token_cross_entropy`.
+    label_smoothing: see `fused_token_cross_entropy`.
     z_loss: see `token_cross_entropy`.
     chunk_size: see `fused_token_cross_entropy`.
     vocab_axis_name: see `fused_token_cross_entropy`.

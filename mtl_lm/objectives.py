@@ -34,57 +34,36 @@ def token_weights(batch: Batch, task: str) -> jax.Array:
   return batch["loss_weights"] * task_rows(batch, task)[:, None]
 
 
-def _label_smoothing_term(hidden: jax.Array, unembedding: jax.Array,
-                          labels: jax.Array,
-                          vocab_axis_name: str | None) -> jax.Array:
-  """Returns `logits[label] - mean(logits)` per position, in float32.
+def _zero_unselected(hidden: jax.Array, labels: jax.Array,
+                     selected: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Zeroes hidden `[batch, length, embed]` and labels outside `selected`.
 
-  With `x = hidden @ unembedding`, the label-smoothed cross-entropy is the
-  plain one plus `eps * (x[label] - mean(x))`, and both terms need only a
-  gather of the label columns and the mean column of the unembedding, so
-  the smoothing costs no second pass over the vocabulary. With
-  `vocab_axis_name`, `unembedding` is this device's shard of the columns
-  and the partial terms are summed over that axis.
+  Such positions then reach neither the value nor the gradient of a fused
+  loss, even when their states are huge or their labels out of range.
   """
-  hidden = hidden.astype(jnp.float32)
-  unembedding = unembedding.astype(jnp.float32)
-  local_vocab = unembedding.shape[1]
-  offset, vocab = 0, local_vocab
-  if vocab_axis_name is not None:
-    offset = jax.lax.axis_index(vocab_axis_name) * local_vocab
-    vocab = local_vocab * jax.lax.axis_size(vocab_axis_name)
-  local_labels = labels - offset
-  in_shard = (local_labels >= 0) & (local_labels < local_vocab)
-  label_columns = jnp.take(unembedding,
-                           jnp.clip(local_labels, 0, local_vocab - 1),
-                           axis=1)  # [embed, b, l]
-  label_logit = jnp.where(
-      in_shard, jnp.einsum("ble,ebl->bl", hidden, label_columns), 0.0)
-  mean_logit = hidden @ (jnp.sum(unembedding, axis=1) / vocab)  # [b, l]
-  term = label_logit - mean_logit
-  if vocab_axis_name is not None:
-    term = jax.lax.psum(term, vocab_axis_name)
-  return term
+  hidden = jnp.where(selected[..., None], hidden,
+                     jnp.zeros((), hidden.dtype))
+  return hidden, jnp.where(selected, labels, 0)
 
 
-def _vocab_parallel(function, hidden: jax.Array, unembedding: jax.Array,
-                    labels: jax.Array):
-  """Runs `function(hidden, unembedding, labels, vocab_axis_name)`.
+def _vocab_parallel(function, unembedding: jax.Array, inputs: dict[str, Any]):
+  """Runs `function(unembedding, inputs, vocab_axis_name)`.
 
   When the active mesh splits the vocabulary (`sharding.vocab_parallel_axis`),
   the call runs under `jax.shard_map` with each device on its own columns of
   `unembedding` and its own rows of the batch, so the `[embed, vocab]` matrix
   is never gathered. Otherwise it runs as is with `vocab_axis_name=None`.
-  Every output must have the batch as its leading axis.
+  Every array in `inputs` (None entries are allowed) and in the outputs must
+  have the batch as its leading axis.
   """
   axis = sharding.vocab_parallel_axis(unembedding.shape[1])
   if axis is None:
-    return function(hidden, unembedding, labels, None)
+    return function(unembedding, inputs, vocab_axis_name=None)
   batch = PartitionSpec(sharding.BATCH_AXES)
   return jax.shard_map(
       functools.partial(function, vocab_axis_name=axis),
-      in_specs=(batch, PartitionSpec(None, axis), batch),
-      out_specs=batch)(hidden, unembedding, labels)
+      in_specs=(PartitionSpec(None, axis), batch),
+      out_specs=batch)(unembedding, inputs)
 
 
 def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
@@ -92,10 +71,10 @@ def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
                      z_loss: float, chunk_size: int):
   """Next-token (lm) and masked-token (mlm) cross-entropy in one pass.
 
-  lm and mlm rows are scored by one fused cross-entropy over the vocabulary;
-  label smoothing is then added on the lm positions alone (see
-  `_label_smoothing_term`). Hidden states and labels of positions outside
-  both tasks are zeroed first, so they reach neither value nor gradient.
+  lm and mlm rows are scored by one fused cross-entropy over the vocabulary,
+  with label smoothing on the lm rows alone. Hidden states and labels of
+  positions outside both tasks are zeroed first, so they reach neither value
+  nor gradient.
 
   Returns:
     `(task_losses, task_metrics)` for the token tasks among `active_tasks`:
@@ -107,30 +86,29 @@ def token_objectives(outputs: Outputs, unembedding: jax.Array, batch: Batch,
     return {}, {}
   weights = {task: token_weights(batch, task) for task in token_tasks}
   selected = sum(weights.values()) != 0  # [batch, length]
-  hidden = jnp.where(selected[..., None], outputs["hidden"],
-                     jnp.zeros((), outputs["hidden"].dtype))
-  labels = jnp.where(selected, batch["targets"], 0)
-  smooth = tasks.LM in token_tasks and label_smoothing > 0
+  hidden, labels = _zero_unselected(outputs["hidden"], batch["targets"],
+                                    selected)
+  smoothing = None
+  if tasks.LM in token_tasks and label_smoothing:
+    lm_rows = task_rows(batch, tasks.LM)[:, None]  # [batch, 1]
+    smoothing = jnp.broadcast_to(label_smoothing * lm_rows, labels.shape)
 
-  def score(hidden, unembedding, labels, vocab_axis_name):
-    per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
-        hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size,
+  def score(unembedding, inputs, vocab_axis_name):
+    smoothing = inputs["smoothing"]
+    return losses.fused_token_cross_entropy_with_argmax(
+        inputs["hidden"], unembedding, inputs["labels"],
+        label_smoothing=0.0 if smoothing is None else smoothing,
+        z_loss=z_loss, chunk_size=chunk_size,
         vocab_axis_name=vocab_axis_name)
-    smoothing_term = (
-        _label_smoothing_term(hidden, unembedding, labels, vocab_axis_name)
-        if smooth else jnp.zeros_like(per_position))
-    return per_position, predictions, smoothing_term
 
-  per_position, predictions, smoothing_term = _vocab_parallel(
-      score, hidden, unembedding, labels)
+  per_position, predictions = _vocab_parallel(
+      score, unembedding,
+      {"hidden": hidden, "labels": labels, "smoothing": smoothing})
 
   task_losses = {}
   task_metrics = {}
   for task in token_tasks:
-    task_loss = per_position
-    if task == tasks.LM and smooth:
-      task_loss = per_position + label_smoothing * smoothing_term
-    task_losses[task] = losses.weighted_sum(task_loss, weights[task])
+    task_losses[task] = losses.weighted_sum(per_position, weights[task])
     task_metrics[task] = {
         "accuracy": losses.accuracy(predictions, labels, weights[task])}
   return task_losses, task_metrics
@@ -207,7 +185,7 @@ def sample_tokens(hidden: jax.Array, unembedding: jax.Array, rng: jax.Array,
     best = jnp.argmax(score, axis=-1)
     return None, (jnp.max(score, axis=-1), offset + start + best)
 
-  # The best score and id of each block, [num_blocks, batch, length]; a
+  # The best score and id of each block, [num_blocks, batch, length]. A
   # scan without a carry needs no loop state across blocks.
   _, (scores, ids) = jax.lax.scan(block_best, None, jnp.arange(num_blocks))
   best_block = jnp.argmax(scores, axis=0)
@@ -249,16 +227,15 @@ def electra_generator_objective(generator_hidden: jax.Array,
   """
   rtd_rows = task_rows(batch, tasks.RTD)[:, None] > 0
   selected = rtd_rows & (batch["input_ids"] == tokenizer.MASK_ID)
-  # Unselected positions reach neither the loss nor its gradient; their
-  # samples are discarded below.
-  hidden = jnp.where(selected[..., None], generator_hidden,
-                     jnp.zeros((), generator_hidden.dtype))
-  labels = jnp.where(selected, batch["original_ids"], 0)
+  # The samples at unselected positions are discarded below.
+  hidden, labels = _zero_unselected(generator_hidden, batch["original_ids"],
+                                    selected)
 
-  def generate(hidden, unembedding, labels, vocab_axis_name):
+  def generate(unembedding, inputs, vocab_axis_name):
+    hidden = inputs["hidden"]
     per_position, predictions = losses.fused_token_cross_entropy_with_argmax(
-        hidden, unembedding, labels, z_loss=z_loss, chunk_size=chunk_size,
-        vocab_axis_name=vocab_axis_name)
+        hidden, unembedding, inputs["labels"], z_loss=z_loss,
+        chunk_size=chunk_size, vocab_axis_name=vocab_axis_name)
     sample_rng = rng
     if vocab_axis_name is not None:
       sample_rng = jax.random.fold_in(
@@ -270,7 +247,7 @@ def electra_generator_objective(generator_hidden: jax.Array,
     return per_position, predictions, sampled
 
   per_position, predictions, sampled = _vocab_parallel(
-      generate, hidden, unembedding, labels)
+      generate, unembedding, {"hidden": hidden, "labels": labels})
   weights = selected.astype(jnp.float32)
   loss = losses.weighted_sum(per_position, weights)
   accuracy = losses.accuracy(predictions, labels, weights)

@@ -39,7 +39,7 @@ VOCAB_AXIS = "tensor"
 # claims it, so "batch" takes "fsdp" before "embed" does in activations, while
 # parameters (which have no batch axis) shard "embed" over "fsdp".
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

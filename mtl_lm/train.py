@@ -88,9 +88,10 @@ def active_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for settings that cannot work, naming the fix."""
   active_tasks(config)
-  for name in ("steps", "log_every", "checkpoint_every",
-               "gradient_accumulation_steps"):
-    value = config.train.get(name, 1)
+  counts = {name: config.train[name]
+            for name in ("steps", "log_every", "checkpoint_every")}
+  counts["gradient_accumulation_steps"] = accumulation_steps(config)
+  for name, value in counts.items():
     if not isinstance(value, int) or value <= 0:
       raise ValueError(
           f"config.train.{name}={value!r} is invalid; pass a positive integer.")

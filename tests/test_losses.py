@@ -364,6 +364,35 @@ class TestFusedTokenCrossEntropy:
     for grad, expected in zip(grads, expected_grads):
       np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
 
+  def test_per_position_smoothing_matches_plain(self):
+    # Row 0 smoothed with 0.2, row 1 not at all: each row equals the plain
+    # loss with its own number, in value and gradients.
+    hidden, unembedding, labels = _random_problem(11, vocab=37)
+    cotangent = _uniform(12, labels.shape)
+    smoothing = jnp.array([[0.2] * 3, [0.0] * 3])
+    total, grads = _value_and_grads(
+        losses.fused_token_cross_entropy, hidden, unembedding, labels,
+        cotangent, chunk_size=8, label_smoothing=smoothing, z_loss=1e-2)
+
+    expected_total = 0.0
+    expected_grads = [jnp.zeros_like(hidden), jnp.zeros_like(unembedding)]
+    for row, row_smoothing in enumerate((0.2, 0.0)):
+      row_cotangent = cotangent.at[1 - row].set(0.0)
+      row_total, row_grads = _value_and_grads(
+          _plain_loss, hidden, unembedding, labels, row_cotangent,
+          label_smoothing=row_smoothing, z_loss=1e-2)
+      expected_total += row_total
+      expected_grads = [a + b for a, b in zip(expected_grads, row_grads)]
+    np.testing.assert_allclose(total, expected_total, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+      np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
+
+  def test_per_position_smoothing_shape_mismatch_raises(self):
+    hidden, unembedding, labels = _random_problem(11, vocab=37)
+    with pytest.raises(ValueError, match=r"label_smoothing shape \(3,\)"):
+      losses.fused_token_cross_entropy(hidden, unembedding, labels,
+                                       label_smoothing=jnp.full((3,), 0.1))
+
   @pytest.mark.parametrize("scale", [1e2, 1e4])
   def test_extreme_logits_match_plain(self, scale):
     # Logits of order `scale`: the softmax is one-hot to float32 precision.

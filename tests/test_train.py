@@ -349,8 +349,8 @@ def test_lm_loss_falls_on_small_corpus(corpus, tmp_path):
 
 
 def test_token_objectives_match_plain_cross_entropy(corpus):
-  # One fused pass for lm and mlm plus the smoothing term equals the plain
-  # cross-entropy on full logits, smoothed on lm rows only.
+  # One fused pass for lm and mlm, with per-position label smoothing on the
+  # lm rows only, equals the plain cross-entropy on full logits.
   config = train_fixtures.tiny_config(corpus)
   trainer = _single_device_trainer(config)
   state = trainer.init(seed=0)
